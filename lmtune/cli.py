@@ -1,0 +1,95 @@
+"""The ``lmtune`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import lmtune
+from lmtune.config.errors import ConfigError, nearest
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Built-in config name -> file."""
+    return {p.stem: p for p in sorted(CONFIG_ROOT.rglob("*.py")) if not p.name.startswith("_")}
+
+
+def resolve_config(name: str) -> Path:
+    """A config path, or the name of a built-in config."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = builtin_configs()
+    if name in builtin:
+        return builtin[name]
+    if path.suffix == ".py" or os.sep in name:
+        raise ConfigError(f"config file not found: {name}")
+    raise ConfigError(f"{name!r} is neither a config file nor a built-in config{nearest(name, builtin)}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lmtune.config import Config, parse_overrides
+
+    if int(os.environ.get("NPROC_PER_NODE", "1")) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            or args.launcher != "none" or args.deepspeed:
+        raise ConfigError("multi-process training (NPROC_PER_NODE, --launcher, --deepspeed) is not "
+                          "available in this version of lmtune yet; run on one device")
+    cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    from lmtune.engine.runner import Runner
+
+    runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
+                                resume=args.resume if args.resume is not None else None)
+    runner.train()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from Python config files.")
+    parser.add_argument("--version", action="version", version=f"lmtune {lmtune.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train from a config file or a built-in config name")
+    train.add_argument("config", help="path to a config .py, or a built-in config name such as 'demo'")
+    train.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<config name>)")
+    train.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
+                       help="override settings, e.g. lr=1e-4 optim_wrapper.clip_grad.max_norm=0.5")
+    train.add_argument("--seed", type=int, help="random seed (overrides randomness.seed)")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="resume from the newest checkpoint in the work dir, or from PATH")
+    train.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none")
+    train.add_argument("--deepspeed", help="DeepSpeed config name or JSON path")
+    train.add_argument("--debug", action="store_true", help="show full tracebacks")
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        if debug:
+            raise
+        print(f"lmtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmtune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the trace with --debug
+        if debug:
+            raise
+        print(f"lmtune: {type(exc).__name__}: {exc}\n(run again with --debug for the full traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

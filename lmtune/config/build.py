@@ -1,0 +1,117 @@
+"""Building objects from ``dict(type=callable, **kwargs)`` config entries.
+
+Every lmtune component that takes a sub-component accepts either the built
+object or its config dict, and calls :func:`build` when it needs the object.
+Third-party callables (``AutoModelForCausalLM.from_pretrained``,
+``BitsAndBytesConfig``...) cannot build lmtune's dicts, so for them nested
+``type`` dicts in the keyword arguments are built first; lmtune's own
+components receive nested dicts unbuilt and build them late themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from lmtune.config.errors import ConfigError, nearest
+
+
+def is_type_dict(value: Any) -> bool:
+    return isinstance(value, dict) and "type" in value
+
+
+def resolve_callable(ref: Any, key: str | None = None) -> Callable:
+    """The callable a ``type=`` value names: the object itself or a dotted path."""
+    if callable(ref):
+        return ref
+    if isinstance(ref, str):
+        obj = import_dotted(ref)
+        if obj is not None:
+            return obj
+    where = f" at {key!r}" if key else ""
+    raise ConfigError(
+        f"type={ref!r}{where} is not a callable or an importable dotted path "
+        "(write the class or function itself, e.g. type=AutoTokenizer.from_pretrained)"
+    )
+
+
+def import_dotted(path: str) -> Any | None:
+    """Import ``pkg.mod.Obj.attr`` by trying the longest importable module prefix."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _is_own(fn: Callable) -> bool:
+    target = getattr(fn, "__self__", None) or fn
+    module = getattr(target, "__module__", "") or ""
+    return module == "lmtune" or module.startswith("lmtune.")
+
+
+def _build_nested(value: Any, key: str) -> Any:
+    if is_type_dict(value):
+        return build(value, key=key)
+    if isinstance(value, dict):
+        return {k: _build_nested(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_build_nested(v, f"{key}.{i}") for i, v in enumerate(value))
+    return value
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        check_kwargs(fn, {name: None}, None)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_kwargs(fn: Callable, kwargs: dict, key: str | None) -> None:
+    """Reject keyword arguments ``fn`` does not accept, naming the nearest one it does."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for name in kwargs:
+        if name not in accepted:
+            where = f"{key}.{name}" if key else name
+            raise ConfigError(
+                f"unknown key {where!r}: {getattr(fn, '__qualname__', fn)} takes no argument "
+                f"{name!r}{nearest(name, accepted)}"
+            )
+
+
+def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
+    """Build ``cfg`` if it is a ``dict(type=...)``; return anything else unchanged.
+
+    ``defaults`` fill arguments the config does not set (a runner passes the
+    optimizer to a scheduler this way); a default the callable does not take is
+    left out. ``key`` is the config path used in
+    error messages, e.g. ``'model.llm'``.
+    """
+    if not is_type_dict(cfg):
+        return cfg
+    kwargs = dict(cfg)
+    fn = resolve_callable(kwargs.pop("type"), key)
+    if not _is_own(fn):
+        kwargs = {k: _build_nested(v, f"{key}.{k}" if key else k) for k, v in kwargs.items()}
+    for name, value in defaults.items():
+        if name not in kwargs and _takes(fn, name):
+            kwargs[name] = value
+    check_kwargs(fn, kwargs, key)
+    return fn(**kwargs)

@@ -1,0 +1,267 @@
+"""Loading, overriding and dumping pure-Python config files.
+
+A config is a Python file. Running it binds names; every top-level name that is
+not a module, not bound by an import and not private becomes a config key.
+Objects are written as ``dict(type=callable, **kwargs)`` and built later by the
+component that needs them (:mod:`lmtune.config.build`).
+
+Overrides: ``lr=1e-4`` (a top-level name) re-runs the file with ``lr`` replaced
+right where the file assigns it, so every value derived from it follows.
+``optim_wrapper.optimizer.lr=1e-4`` (a nested key) is set after loading.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import os
+import sys
+import traceback
+import types
+from pathlib import Path
+from typing import Any
+
+from lmtune.config.build import check_kwargs, import_dotted, is_type_dict, resolve_callable
+from lmtune.config.configdict import ConfigDict
+from lmtune.config.errors import ConfigError, nearest
+
+_OVERRIDE_VAR = "__lmtune_overrides__"
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a Python literal, an importable dotted name, or a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if "." in text and all(part.isidentifier() for part in text.split(".")):
+        obj = import_dotted(text)
+        if obj is not None:
+            return obj
+    return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``['a.b=1', 'c=x']`` -> ``{'a.b': 1, 'c': 'x'}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--cfg-options expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+class _InjectOverrides(ast.NodeTransformer):
+    """After each top-level assignment to an overridden name, re-bind it to the override."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.seen: set[str] = set()
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        body: list[ast.stmt] = []
+        for stmt in node.body:
+            body.append(stmt)
+            for name in sorted(_assigned_names(stmt) & self.names):
+                self.seen.add(name)
+                body.append(ast.parse(f"{name} = {_OVERRIDE_VAR}[{name!r}]").body[0])
+        node.body = body
+        return ast.fix_missing_locations(node)
+
+
+def _assigned_names(stmt: ast.stmt) -> set[str]:
+    targets: list[ast.expr] = []
+    if isinstance(stmt, ast.Assign):
+        targets = list(stmt.targets)
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        targets = [stmt.target]
+    names: set[str] = set()
+    for target in targets:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+    return names
+
+
+def _imported_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            for alias in stmt.names:
+                names.add((alias.asname or alias.name).split(".")[0])
+    return names
+
+
+class Config(ConfigDict):
+    """A loaded config: its keys, plus the file it came from (``cfg.filename``)."""
+
+    @classmethod
+    def fromfile(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        source = path.read_text(encoding="utf-8")
+        overrides = dict(overrides or {})
+        top = {k: v for k, v in overrides.items() if "." not in k}
+        nested = {k: v for k, v in overrides.items() if "." in k}
+        namespace = _run_config(path, source, top)
+        cfg = cls(namespace)
+        dict.__setattr__(cfg, "filename", str(path.resolve()))
+        for key, value in nested.items():
+            cfg.set_nested(key, value)
+        return cfg
+
+    def set_nested(self, dotted: str, value: Any) -> None:
+        """Set ``a.b.0.c`` to ``value``; an unknown key is an error naming the nearest one."""
+        parts = dotted.split(".")
+        node: Any = self
+        walked: list[str] = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(walked) or "<top level>"
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ConfigError(f"--cfg-options {dotted}: {where} is a list of {len(node)}; "
+                                      f"{part!r} is not a valid index")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if part not in node and not _accepts(node, part):
+                    raise ConfigError(f"--cfg-options: unknown key {dotted!r} ({part!r} is not in "
+                                      f"{where}{nearest(part, node.keys())})")
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+            else:
+                raise ConfigError(f"--cfg-options {dotted}: {where} is a {type(node).__name__}, "
+                                  "not a dict or list")
+            walked.append(part)
+
+    def dump(self, path: str | os.PathLike) -> None:
+        """Write the effective config as Python that :meth:`fromfile` loads back."""
+        Path(path).write_text(dumps(self), encoding="utf-8")
+
+
+def _accepts(node: dict, key: str) -> bool:
+    """A new key is fine in a ``dict(type=fn)`` whose ``fn`` takes that argument."""
+    if not is_type_dict(node):
+        return False
+    try:
+        fn = resolve_callable(node["type"])
+        check_kwargs(fn, {key: None}, None)
+    except ConfigError:
+        return False
+    return True
+
+
+def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: syntax error in config: {exc.msg}") from None
+    injector = _InjectOverrides(set(overrides))
+    tree = injector.visit(tree)
+    unknown = set(overrides) - injector.seen
+    if unknown:
+        name = sorted(unknown)[0]
+        known = {n for s in tree.body for n in _assigned_names(s)}
+        raise ConfigError(f"--cfg-options: {path} has no top-level setting {name!r}{nearest(name, known)}")
+    namespace: dict[str, Any] = {"__file__": str(path.resolve()), "__name__": "__lmtune_config__",
+                                 _OVERRIDE_VAR: overrides}
+    code = compile(tree, str(path), "exec")
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        exec(code, namespace)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the config line
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        line = f":{frames[-1].lineno}" if frames else ""
+        raise ConfigError(f"{path}{line}: error while running the config: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    skip = _imported_names(tree)
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in skip and not isinstance(v, types.ModuleType)}
+
+
+# ---------------------------------------------------------------- dumping
+
+def dotted_path(obj: Any) -> str | None:
+    """The shortest importable dotted path that resolves back to ``obj``."""
+    owner = getattr(obj, "__self__", None)
+    if owner is not None and inspect.isclass(owner):
+        base = dotted_path(owner)
+        return f"{base}.{obj.__name__}" if base else None
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        return None
+    parts = module.split(".")
+    for cut in range(1, len(parts) + 1):
+        candidate = ".".join(parts[:cut] + [qualname])
+        if import_dotted(candidate) is obj:
+            return candidate
+    return None
+
+
+class _Dumper:
+    def __init__(self) -> None:
+        self.imports: set[str] = set()
+
+    def ref(self, path: str) -> str:
+        obj_path = path
+        while obj_path:
+            module = obj_path.rsplit(".", 1)[0] if "." in obj_path else obj_path
+            try:
+                __import__(module)
+                self.imports.add(module)
+                return path
+            except ImportError:
+                obj_path = module if "." in module else ""
+        return path
+
+    def expr(self, value: Any, indent: int = 0) -> str:
+        pad = " " * (indent + 4)
+        if isinstance(value, dict):
+            if not value:
+                return "dict()"
+            if all(isinstance(k, str) and k.isidentifier() for k in value):
+                items = [f"{pad}{k}={self.expr(v, indent + 4)}" for k, v in value.items()]
+                return "dict(\n" + ",\n".join(items) + ")"
+            items = [f"{pad}{k!r}: {self.expr(v, indent + 4)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "}"
+        if isinstance(value, list):
+            return "[" + ", ".join(self.expr(v, indent + 4) for v in value) + "]"
+        if isinstance(value, tuple):
+            inner = ", ".join(self.expr(v, indent + 4) for v in value)
+            return f"({inner},)" if len(value) == 1 else f"({inner})"
+        if value is None or isinstance(value, (bool, int, float, str, bytes)):
+            return repr(value)
+        try:
+            import torch
+
+            if isinstance(value, torch.dtype):
+                self.imports.add("torch")
+                return str(value)
+        except ImportError:  # pragma: no cover
+            pass
+        path = dotted_path(value)
+        if path is not None:
+            return self.ref(path)
+        raise ConfigError(f"cannot write {value!r} into a config file: it has no importable name")
+
+
+def dumps(cfg: dict) -> str:
+    """Python source for ``cfg`` (imports first, then one assignment per key)."""
+    dumper = _Dumper()
+    body = [f"{key} = {dumper.expr(copy.copy(value))}" for key, value in cfg.items()]
+    head = ["# Effective config written by lmtune; load it with lmtune.config.Config.fromfile."]
+    head += [f"import {m}" for m in sorted(dumper.imports)]
+    return "\n".join(head) + "\n\n" + "\n".join(body) + "\n"

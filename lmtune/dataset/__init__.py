@@ -1,0 +1,6 @@
+"""Datasets: processing Hugging Face datasets into tokenized, packed rows; samplers."""
+
+from lmtune.dataset.huggingface import process_hf_dataset
+from lmtune.dataset.samplers import DefaultSampler
+
+__all__ = ["DefaultSampler", "process_hf_dataset"]

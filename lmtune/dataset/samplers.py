@@ -1,0 +1,65 @@
+"""Samplers: which rows each rank reads, in which order, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sized
+
+import torch
+from torch.utils.data import Sampler
+
+from lmtune.engine.dist import get_rank, get_world_size
+
+
+class DefaultSampler(Sampler[int]):
+    """Shuffled (or ordered) indices, sharded across ranks, repeatable by seed and epoch.
+
+    The order of epoch ``e`` depends only on ``seed`` and ``e``. Every rank gets
+    the same number of indices (the list is padded by wrapping around, unless
+    ``round_up=False``). ``set_epoch`` is called by ``DistSamplerSeedHook``;
+    ``skip`` lets a resumed run start mid-epoch without reading skipped rows.
+    """
+
+    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int | None = None,
+                 round_up: bool = True) -> None:
+        self.dataset = dataset
+        self.shuffle = shuffle
+        self.seed = 0 if seed is None else int(seed)
+        self.round_up = round_up
+        self.rank = get_rank()
+        self.world_size = get_world_size()
+        self.epoch = 0
+        self._skip = 0
+        if round_up:
+            self.num_samples = math.ceil(len(dataset) / self.world_size)
+            self.total_size = self.num_samples * self.world_size
+        else:
+            self.num_samples = max(0, math.ceil((len(dataset) - self.rank) / self.world_size))
+            self.total_size = len(dataset)
+
+    def _indices(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(n, generator=generator).tolist()
+        else:
+            indices = list(range(n))
+        if self.round_up and indices:
+            indices = (indices * math.ceil(self.total_size / n))[: self.total_size]
+        return indices[self.rank : self.total_size : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._indices()[self._skip :]
+        self._skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, num_indices: int) -> None:
+        """Make the next iteration start after its first ``num_indices`` indices."""
+        self._skip = num_indices

@@ -1,0 +1,17 @@
+"""Hooks: the mmengine-named ones XTuner configs use, and lmtune's own."""
+
+from lmtune.engine.hooks.basic import (
+    DistSamplerSeedHook,
+    IterTimerHook,
+    ParamSchedulerHook,
+    VarlenAttnArgsToMessageHubHook,
+)
+from lmtune.engine.hooks.chat import DatasetInfoHook, EvaluateChatHook
+from lmtune.engine.hooks.checkpoint import CheckpointHook
+from lmtune.engine.hooks.hook import Hook
+from lmtune.engine.hooks.logger import LoggerHook
+
+__all__ = [
+    "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EvaluateChatHook", "Hook", "IterTimerHook",
+    "LoggerHook", "ParamSchedulerHook", "VarlenAttnArgsToMessageHubHook",
+]

@@ -1,0 +1,55 @@
+"""CheckpointHook: when to save, and how many checkpoints to keep."""
+
+from __future__ import annotations
+
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.dist import is_main_process
+from lmtune.engine.hooks.hook import Hook
+
+
+class CheckpointHook(Hook):
+    """Save every ``interval`` iterations (``by_epoch=False``) or epochs, and at the end.
+
+    A save that falls inside a gradient-accumulation group happens at the end of
+    that group, so a checkpoint never holds half-accumulated gradients.
+    ``max_keep_ckpts`` keeps the newest N (-1 keeps all); older ones are deleted
+    only after the new one is complete. ``save_optimizer=False`` saves weights
+    and position only (such a checkpoint cannot be resumed exactly).
+    """
+
+    priority = "VERY_LOW"
+
+    def __init__(self, interval: int = -1, by_epoch: bool = True, save_optimizer: bool = True,
+                 save_param_scheduler: bool = True, out_dir: str | None = None, max_keep_ckpts: int = -1,
+                 save_last: bool = True, **unused) -> None:
+        self.interval = int(interval)
+        self.by_epoch = by_epoch
+        self.save_optimizer = save_optimizer
+        self.save_param_scheduler = save_param_scheduler
+        self.out_dir = out_dir
+        self.max_keep_ckpts = -1 if max_keep_ckpts is None else int(max_keep_ckpts)
+        self.save_last = save_last
+        self._pending = False
+
+    def _save(self, runner) -> None:
+        self._pending = False
+        if runner.last_saved_iter == runner.completed_iters:
+            return
+        path = runner.save_checkpoint(out_dir=self.out_dir, save_optimizer=self.save_optimizer)
+        if is_main_process() and path is not None:
+            for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path):
+                runner.logger.info(f"Removed old checkpoint {old}")
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if not self.by_epoch and self.every_n_iters(runner, self.interval):
+            self._pending = True
+        if self._pending and runner.at_step_boundary:
+            self._save(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        if self.by_epoch and self.interval > 0 and (runner.epoch + 1) % self.interval == 0:
+            self._save(runner)
+
+    def after_train(self, runner) -> None:
+        if self.save_last or self._pending:
+            self._save(runner)

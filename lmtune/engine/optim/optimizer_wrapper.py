@@ -1,0 +1,152 @@
+"""Optimizer wrappers: mixed precision, gradient accumulation bookkeeping, clipping."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lmtune.engine.device import default_device, training_dtype
+
+
+class OptimWrapper:
+    """Wraps a ``torch.optim`` optimizer for the training loop.
+
+    The loop groups ``accumulative_counts`` micro-batches into one optimizer
+    step and scales each micro-batch loss by the step's total number of target
+    tokens, so the step's gradient is that of the mean over all its tokens.
+    ``clip_grad=dict(max_norm=..., norm_type=2, error_if_nonfinite=False)``
+    clips the total gradient norm before the step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
+                 clip_grad: dict | None = None) -> None:
+        if int(accumulative_counts) < 1:
+            raise ValueError("accumulative_counts must be >= 1")
+        self.optimizer = optimizer
+        self.accumulative_counts = int(accumulative_counts)
+        self.clip_grad = dict(clip_grad) if clip_grad else None
+        self.device = default_device()
+
+    # -- the step ---------------------------------------------------------
+    @contextlib.contextmanager
+    def optim_context(self) -> Iterator[None]:
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _unscale(self) -> None:
+        pass
+
+    def clip_grads(self) -> float | None:
+        """Clip (when configured) and return the total gradient norm."""
+        self._unscale()
+        params = self._params()
+        if not params:
+            return None
+        if self.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, **self.clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return float(norm)
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def step(self) -> float | None:
+        """Unscale, clip, step and zero the gradients; return the gradient norm."""
+        grad_norm = self.clip_grads()
+        self._optimizer_step()
+        self._after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _after_step(self) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state ------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class AmpOptimWrapper(OptimWrapper):
+    """``OptimWrapper`` with ``torch.amp`` autocast and, for fp16, a gradient scaler.
+
+    ``dtype`` is 'float16' or 'bfloat16' (fp16 on a CPU becomes bf16, with a
+    warning). ``loss_scale`` is 'dynamic', a number (a static scale) or a dict
+    of ``torch.amp.GradScaler`` arguments; it only applies to fp16. Steps whose
+    gradients overflow in fp16 are skipped by the scaler.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
+                 clip_grad: dict | None = None, loss_scale: Any = "dynamic", dtype: Any = None,
+                 use_fsdp: bool = False) -> None:
+        super().__init__(optimizer, accumulative_counts, clip_grad)
+        self.dtype = training_dtype(dtype, self.device)
+        self.scaler = None
+        if self.dtype == torch.float16:
+            if loss_scale == "dynamic":
+                kwargs: dict = {}
+            elif isinstance(loss_scale, dict):
+                kwargs = dict(loss_scale)
+            else:
+                kwargs = {"init_scale": float(loss_scale), "growth_interval": 2**62, "backoff_factor": 1.0,
+                          "growth_factor": 1.0}
+            self.scaler = torch.amp.GradScaler(self.device.type, **kwargs)
+
+    @contextlib.contextmanager
+    def optim_context(self) -> Iterator[None]:
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def _unscale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+
+    def _after_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.scaler is not None:
+            state["loss_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])

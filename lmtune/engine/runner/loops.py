@@ -1,0 +1,122 @@
+"""TrainLoop: epochs of micro-batches grouped into optimizer steps."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from lmtune.config.errors import ConfigError
+from lmtune.engine.dist import all_reduce_sum, get_world_size
+from lmtune.model.loss import count_target_tokens
+
+
+class TrainLoop:
+    """Runs ``max_epochs`` epochs (or ``max_iters`` iterations) of training.
+
+    One iteration is one dataloader batch (a micro-batch), as in XTuner and
+    MMEngine: ``save_steps``, ``evaluation_freq`` and the lr schedule count
+    these. Consecutive groups of ``accumulative_counts`` iterations of an epoch
+    form one optimizer step (the last group of an epoch may be shorter). Every
+    micro-batch loss is divided by the number of target tokens of its whole
+    step on all ranks, so a step's gradient is that of the mean over all of
+    its tokens, however they are split into micro-batches and ranks.
+    """
+
+    def __init__(self, runner, dataloader, max_epochs: int | None = None, max_iters: int | None = None,
+                 val_begin: int = 1, val_interval: int = 1) -> None:
+        if (max_epochs is None) == (max_iters is None):
+            raise ConfigError("train_cfg needs exactly one of max_epochs and max_iters")
+        self.runner = runner
+        self.dataloader = dataloader
+        self.iters_per_epoch = len(dataloader)
+        if self.iters_per_epoch == 0:
+            raise ConfigError("the train dataloader is empty: the dataset has fewer rows than one batch")
+        if max_epochs is not None:
+            self.max_epochs = int(max_epochs)
+            self.max_iters = self.max_epochs * self.iters_per_epoch
+        else:
+            self.max_iters = int(max_iters)
+            self.max_epochs = math.ceil(self.max_iters / self.iters_per_epoch)
+        self.epoch = 0
+        self.iter = 0  # completed iterations
+        self.iter_in_epoch = 0
+        self.in_after_iter = 0  # 1 while after_train_iter hooks run: that iteration is complete
+
+    @property
+    def completed_iters(self) -> int:
+        return self.iter + self.in_after_iter
+
+    # -- position, for checkpoints ---------------------------------------
+    def state_dict(self) -> dict:
+        done = self.in_after_iter  # saved from an after_train_iter hook: count that iteration as done
+        return {"epoch": self.epoch, "iter": self.iter + done, "iter_in_epoch": self.iter_in_epoch + done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.iter = int(state["epoch"]), int(state["iter"])
+        self.iter_in_epoch = int(state["iter_in_epoch"])
+        if self.iter_in_epoch >= self.iters_per_epoch:
+            self.epoch, self.iter_in_epoch = self.epoch + 1, 0
+
+    # -- running ----------------------------------------------------------
+    def run(self):
+        runner = self.runner
+        runner.call_hook("before_train")
+        while self.iter < self.max_iters and self.epoch < self.max_epochs:
+            self.run_epoch()
+        runner.call_hook("after_train")
+        return runner.model
+
+    def _batches(self) -> Iterator[dict]:
+        sampler = getattr(self.dataloader, "sampler", None)
+        if self.iter_in_epoch:
+            if not hasattr(sampler, "skip"):
+                raise ConfigError("resuming mid-epoch needs a sampler with skip() (use DefaultSampler)")
+            sampler.skip(self.iter_in_epoch * self.dataloader.batch_size)
+        return iter(self.dataloader)
+
+    def run_epoch(self) -> None:
+        runner = self.runner
+        runner.call_hook("before_train_epoch")
+        accum = runner.optim_wrapper.accumulative_counts
+        batches = self._batches()
+        while self.iter_in_epoch < self.iters_per_epoch and self.iter < self.max_iters:
+            group_end = min((self.iter_in_epoch // accum + 1) * accum, self.iters_per_epoch,
+                            self.iter_in_epoch + self.max_iters - self.iter)
+            group = [next(batches) for _ in range(group_end - self.iter_in_epoch)]
+            self.run_step(group)
+        runner.call_hook("after_train_epoch")
+        self.epoch += 1
+        self.iter_in_epoch = 0
+
+    def run_step(self, group: list[dict]) -> None:
+        """One optimizer step over a group of micro-batches."""
+        runner = self.runner
+        model, optim = runner.model, runner.optim_wrapper
+        local_tokens = sum(count_target_tokens(batch["labels"]) for batch in group)
+        step_tokens = float(all_reduce_sum(torch.tensor(float(local_tokens), device=runner.device)))
+        scale = get_world_size() / max(step_tokens, 1.0)
+        for k, batch in enumerate(group):
+            last = k == len(group) - 1
+            runner.call_hook("before_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch)
+            inputs = {key: value.to(runner.device) if torch.is_tensor(value) else value
+                      for key, value in batch.items()}
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with optim.optim_context():
+                    out = model(**inputs)
+                optim.backward(out["loss_sum"] * scale)
+            outputs = {"loss": float(out["loss"]), "loss_sum": float(out["loss_sum"]),
+                       "num_tokens": int(out["num_tokens"])}
+            if last:
+                outputs["grad_norm"] = optim.step()
+                outputs["step_tokens"] = step_tokens
+            runner.at_step_boundary = last
+            self.in_after_iter = 1
+            runner.call_hook("after_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch,
+                             outputs=outputs)
+            self.iter += 1
+            self.iter_in_epoch += 1
+            self.in_after_iter = 0

@@ -1,0 +1,338 @@
+"""Runner: builds everything a config describes and runs the training loop."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import lmtune
+from lmtune.config import Config, ConfigError, build, dumps
+from lmtune.config.build import check_kwargs, resolve_callable
+from lmtune.dataset.collate_fns import default_collate_fn
+from lmtune.dataset.samplers import DefaultSampler
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.device import default_device
+from lmtune.engine.dist import barrier, is_main_process
+from lmtune.engine.hooks import (
+    CheckpointHook,
+    DistSamplerSeedHook,
+    Hook,
+    IterTimerHook,
+    LoggerHook,
+    ParamSchedulerHook,
+)
+from lmtune.engine.hooks.hook import priority_value
+from lmtune.engine.optim import OptimWrapper
+from lmtune.engine.runner.loops import TrainLoop
+
+logger = logging.getLogger("lmtune")
+
+DEFAULT_HOOKS = {
+    "timer": dict(type=IterTimerHook),
+    "logger": dict(type=LoggerHook, interval=10),
+    "param_scheduler": dict(type=ParamSchedulerHook),
+    "checkpoint": dict(type=CheckpointHook, interval=1),
+    "sampler_seed": dict(type=DistSamplerSeedHook),
+}
+
+
+class MessageHub:
+    """The latest value of each runtime scalar (``time``, ``data_time``...)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def update(self, key: str, value: Any) -> None:
+        self._values[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+
+def set_random_seed(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_logger(log_file: Path | None, level: str = "INFO") -> logging.Logger:
+    for handler in list(logger.handlers):
+        if getattr(handler, "_lmtune", False):
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(level if is_main_process() else "WARNING")
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s - lmtune - %(levelname)s - %(message)s", "%m/%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None and is_main_process():
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler._lmtune = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    return logger
+
+
+class Runner:
+    """Everything one training run needs, built from a config.
+
+    Build order: seed, dataset and dataloader, model, optimizer, schedulers,
+    loop, hooks; then an optional checkpoint is loaded (``resume`` continues
+    the run, ``load_from`` alone only initialises the weights).
+    """
+
+    def __init__(self, cfg: Config, work_dir: str | None = None, seed: int | None = None,
+                 resume: bool | str | None = None, load_from: str | None = None) -> None:
+        self.cfg = cfg
+        self.device = default_device()
+        self.message_hub = MessageHub()
+        self.at_step_boundary = True
+        self.last_saved_iter: int | None = None
+        name = Path(getattr(cfg, "filename", "config.py")).stem
+        self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
+        self.timestamp = time.strftime("%Y%m%d_%H%M%S")
+        self.log_dir = self.work_dir / self.timestamp
+        if is_main_process():
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
+        try:
+            self.config_text = dumps(cfg)
+        except ConfigError as exc:
+            self.config_text = Path(cfg.filename).read_text() if hasattr(cfg, "filename") else repr(cfg)
+            self.logger.warning(f"The effective config cannot be written as Python ({exc}); "
+                                "the work dir gets the original file instead.")
+        if is_main_process():
+            (self.work_dir / f"{name}.py").write_text(self.config_text, encoding="utf-8")
+
+        randomness = dict(cfg.get("randomness") or {})
+        self.seed = self._choose_seed(seed if seed is not None else randomness.get("seed"))
+        set_random_seed(self.seed, bool(randomness.get("deterministic", False)))
+        self.logger.info(f"lmtune {lmtune.__version__}  work_dir: {self.work_dir}  seed: {self.seed}  "
+                         f"device: {self.device}")
+
+        self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))
+        self.model = self._build_model(cfg.get("model"))
+        self.optim_wrapper = self._build_optim_wrapper(cfg.get("optim_wrapper"))
+        self.param_schedulers = self._build_schedulers(cfg.get("param_scheduler"))
+        train_cfg = dict(cfg.get("train_cfg") or {})
+        train_cfg.pop("by_epoch", None)
+        train_cfg.setdefault("type", TrainLoop)
+        self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader)
+        self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
+
+        resume = cfg.get("resume", False) if resume is None else resume
+        load_from = load_from or cfg.get("load_from")
+        self._load_initial(resume, load_from)
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Runner:
+        return cls(cfg, **kwargs)
+
+    # -- building --------------------------------------------------------
+    def _choose_seed(self, seed: int | None) -> int:
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                value = torch.tensor([seed], dtype=torch.int64, device=self.device)
+                torch.distributed.broadcast(value, src=0)
+                seed = int(value)
+        return int(seed)
+
+    def _build_dataloader(self, cfg: Any) -> DataLoader:
+        if cfg is None:
+            raise ConfigError("the config has no train_dataloader")
+        if isinstance(cfg, DataLoader):
+            return cfg
+        cfg = dict(cfg)
+        if "dataset" not in cfg:
+            raise ConfigError("train_dataloader has no dataset")
+        dataset = build(cfg.pop("dataset"), key="train_dataloader.dataset")
+        sampler = build(cfg.pop("sampler", None) or dict(type=DefaultSampler, shuffle=True),
+                        key="train_dataloader.sampler", dataset=dataset, seed=self.seed)
+        collate_cfg = cfg.pop("collate_fn", None) or dict(type=default_collate_fn)
+        collate = collate_cfg
+        if isinstance(collate_cfg, dict):
+            collate_cfg = dict(collate_cfg)
+            fn = resolve_callable(collate_cfg.pop("type"), "train_dataloader.collate_fn")
+            check_kwargs(fn, collate_cfg, "train_dataloader.collate_fn")
+            collate = partial(fn, **collate_cfg)
+        workers = int(cfg.get("num_workers", 0))
+        if not workers:
+            cfg.pop("persistent_workers", None)
+        cfg.setdefault("pin_memory", self.device.type == "cuda")
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        check_kwargs(DataLoader.__init__, cfg, "train_dataloader")
+        return DataLoader(dataset, sampler=sampler, collate_fn=collate, generator=generator, **cfg)
+
+    def _build_model(self, cfg: Any) -> torch.nn.Module:
+        if cfg is None:
+            raise ConfigError("the config has no model")
+        model = build(cfg, key="model")
+        if not getattr(model, "quantized", False):
+            model.to(self.device)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self.logger.info(f"Model: {trainable:,} trainable of {total:,} parameters "
+                         f"({100 * trainable / max(total, 1):.2f}%)")
+        return model
+
+    def _build_optim_wrapper(self, cfg: Any) -> OptimWrapper:
+        if cfg is None:
+            raise ConfigError("the config has no optim_wrapper")
+        cfg = dict(cfg)
+        cfg.setdefault("type", OptimWrapper)
+        if "optimizer" not in cfg:
+            raise ConfigError("optim_wrapper has no optimizer")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build(cfg.pop("optimizer"), key="optim_wrapper.optimizer", params=params)
+        return build(cfg, key="optim_wrapper", optimizer=optimizer)
+
+    def _build_schedulers(self, cfg: Any) -> list:
+        if cfg is None:
+            return []
+        cfgs = [cfg] if isinstance(cfg, dict) else list(cfg)
+        return [build(c, key=f"param_scheduler.{i}", optimizer=self.optim_wrapper,
+                      epoch_length=len(self.train_dataloader)) for i, c in enumerate(cfgs)]
+
+    def _build_hooks(self, default_hooks: Any, custom_hooks: Any) -> list[Hook]:
+        merged = dict(DEFAULT_HOOKS)
+        merged.update(dict(default_hooks or {}))
+        cfgs = [(f"default_hooks.{name}", c) for name, c in merged.items() if c is not None]
+        cfgs += [(f"custom_hooks.{i}", c) for i, c in enumerate(custom_hooks or [])]
+        hooks = []
+        for key, hook_cfg in cfgs:
+            priority = None
+            if isinstance(hook_cfg, dict):
+                hook_cfg = dict(hook_cfg)
+                priority = hook_cfg.pop("priority", None)
+            hook = build(hook_cfg, key=key)
+            if priority is not None:
+                hook.priority = priority
+            hooks.append(hook)
+        return sorted(hooks, key=lambda h: priority_value(h.priority))
+
+    # -- state -----------------------------------------------------------
+    @property
+    def iter(self) -> int:
+        return self.train_loop.iter
+
+    @property
+    def epoch(self) -> int:
+        return self.train_loop.epoch
+
+    @property
+    def max_iters(self) -> int:
+        return self.train_loop.max_iters
+
+    @property
+    def max_epochs(self) -> int:
+        return self.train_loop.max_epochs
+
+    @property
+    def completed_iters(self) -> int:
+        return self.train_loop.completed_iters
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def call_hook(self, name: str, **kwargs: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, name)(self, **kwargs)
+
+    # -- checkpoints -----------------------------------------------------
+    def save_checkpoint(self, out_dir: str | None = None, save_optimizer: bool = True) -> Path | None:
+        """Write ``iter_N`` (N = completed iterations) atomically; returns its path on rank 0."""
+        step = self.completed_iters
+        optimizer_state = None
+        if save_optimizer:
+            optimizer_state = {"optim_wrapper": self.optim_wrapper.state_dict(),
+                               "param_schedulers": [s.state_dict() for s in self.param_schedulers]}
+        trainer = {"loop": self.train_loop.state_dict(), "rng": rng_state(), "seed": self.seed}
+        meta = {"lmtune_version": lmtune.__version__, "iter": step, "epoch": self.train_loop.epoch,
+                "seed": self.seed, "config_sha256": hashlib.sha256(self.config_text.encode()).hexdigest(),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        checkpoint = {"meta": meta, "trainer": trainer}
+        self.call_hook("before_save_checkpoint", checkpoint=checkpoint)
+        path = None
+        if is_main_process():
+            path = ckpt.save_checkpoint(out_dir or self.work_dir, f"iter_{step}",
+                                        self.unwrapped_model.trainable_state_dict(), optimizer_state,
+                                        trainer, meta)
+            self.logger.info(f"Saved checkpoint {path}")
+        barrier()
+        self.last_saved_iter = step
+        return path
+
+    def _load_initial(self, resume: bool | str, load_from: str | None) -> None:
+        if resume:
+            path = resume if isinstance(resume, (str, Path)) else load_from
+            path = Path(path) if path else ckpt.find_latest(self.work_dir)
+            if path is None:
+                self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
+                return
+            self.load_checkpoint(path, resume=True)
+        elif load_from:
+            self.load_checkpoint(load_from, resume=False)
+
+    def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
+        state = ckpt.load_checkpoint(path)
+        self.unwrapped_model.load_trainable_state_dict(state["weights"])
+        if not resume:
+            self.logger.info(f"Loaded weights from {path}")
+            return
+        if state["optimizer"] is None:
+            raise ConfigError(f"{path} was saved without optimizer state and cannot be resumed; "
+                              "use load_from to start from its weights")
+        self.optim_wrapper.load_state_dict(state["optimizer"]["optim_wrapper"])
+        for scheduler, s_state in zip(self.param_schedulers, state["optimizer"]["param_schedulers"]):
+            scheduler.load_state_dict(s_state)
+        self.train_loop.load_state_dict(state["trainer"]["loop"])
+        set_rng_state(state["trainer"]["rng"])
+        self.last_saved_iter = self.train_loop.iter
+        self.call_hook("after_load_checkpoint", checkpoint=state)
+        self.logger.info(f"Resumed from {path} at iteration {self.train_loop.iter}")
+
+    # -- running ---------------------------------------------------------
+    def train(self) -> torch.nn.Module:
+        self.call_hook("before_run")
+        self.model.train()
+        model = self.train_loop.run()
+        self.call_hook("after_run")
+        return model
+
+
+

@@ -1,0 +1,179 @@
+"""``SupervisedFinetune``: a causal LM (+ bitsandbytes quantization) (+ peft LoRA) and its loss."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtune.config.build import build, is_type_dict
+from lmtune.config.errors import ConfigError
+from lmtune.engine.device import as_dtype, default_device, warn_once
+from lmtune.model.loss import causal_lm_loss_sum, shifted_targets
+from lmtune.model.quantization import check_4bit_backend
+from lmtune.utils.constants import IGNORE_INDEX
+
+logger = logging.getLogger("lmtune")
+
+
+def _flash_attn_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def find_all_linear_names(model: nn.Module) -> list[str]:
+    """Names (last component) of every linear layer, quantized ones included, but the output head."""
+    linear_types: tuple[type, ...] = (nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.split(".")[-1] for name, module in model.named_modules()
+             if isinstance(module, linear_types) and module is not head}
+    return sorted(names)
+
+
+class SupervisedFinetune(nn.Module):
+    """The model being fine-tuned.
+
+    ``llm``: a model or ``dict(type=AutoModelForCausalLM.from_pretrained, ...)``;
+    with ``quantization_config`` (bitsandbytes 4-bit) it is loaded quantized.
+    ``lora``: a ``LoraConfig`` (or its dict) to train LoRA adapters, or None for
+    full fine-tuning; ``target_modules`` left unset means every linear layer but
+    the output head. ``use_activation_checkpointing`` recomputes activations in
+    the backward pass to save memory. ``use_varlen_attn`` selects
+    variable-length flash attention when flash-attn and a GPU are present
+    (packed samples are kept apart either way).
+
+    ``forward`` returns the summed token loss and the number of target tokens,
+    so the loop can average over every token of an optimizer step.
+    """
+
+    def __init__(self, llm: Any, lora: Any = None, peft_model: str | None = None,
+                 use_activation_checkpointing: bool = True, use_varlen_attn: bool = False,
+                 tokenizer: Any = None, max_position_embeddings: int | None = None) -> None:
+        super().__init__()
+        self.device = default_device()
+        self.use_varlen_attn = use_varlen_attn
+        self.quantized = False
+        self.llm = self._build_llm(llm, max_position_embeddings)
+        self.llm.config.use_cache = False
+        if tokenizer is not None:
+            self._fit_vocab(build(tokenizer, key="model.tokenizer"))
+        if self.quantized:
+            from peft import prepare_model_for_kbit_training
+
+            self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
+        if use_activation_checkpointing:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.use_lora = lora is not None or peft_model is not None
+        if self.use_lora:
+            self._add_lora(lora, peft_model)
+        else:
+            if self.quantized:
+                raise ConfigError("a 4-bit quantized model can only be fine-tuned with LoRA: add a lora=dict(...) "
+                                  "to the model, or set model.llm.quantization_config=None for full fine-tuning")
+            for param in self.llm.parameters():  # fp32 master weights for mixed precision
+                if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self._base_model().forward).parameters
+
+    # -- construction ----------------------------------------------------
+    def _build_llm(self, llm: Any, max_position_embeddings: int | None) -> nn.Module:
+        if not is_type_dict(llm):
+            return llm
+        cfg = dict(llm)
+        quant = cfg.get("quantization_config")
+        if quant is not None:
+            quant_obj = build(quant, key="model.llm.quantization_config")
+            if getattr(quant_obj, "load_in_4bit", False) or getattr(quant_obj, "load_in_8bit", False):
+                self.quantized = True
+                check_4bit_backend(self.device.type, getattr(quant_obj, "bnb_4bit_compute_dtype", None))
+                if self.device.type == "cuda":
+                    cfg.setdefault("device_map", {"": self.device.index or 0})
+            cfg["quantization_config"] = quant_obj
+        if "torch_dtype" in cfg and "dtype" not in cfg:  # transformers 5 renamed the argument
+            cfg["dtype"] = cfg.pop("torch_dtype")
+        dtype = cfg.get("dtype")
+        if self.device.type == "cpu" and dtype is not None and dtype != "auto" and as_dtype(dtype) == torch.float16:
+            warn_once("float16 weights are not trainable on the CPU: loading the model in bfloat16.")
+            cfg["dtype"] = torch.bfloat16
+        if self.use_varlen_attn and "attn_implementation" not in cfg:
+            if _flash_attn_available(self.device):
+                cfg["attn_implementation"] = "flash_attention_2"
+            else:
+                warn_once("use_varlen_attn=True: flash-attn is not available here, so packed samples are kept "
+                          "apart by SDPA with a block-diagonal mask instead (same results, slower).")
+        if max_position_embeddings is not None:
+            cfg["max_position_embeddings"] = max_position_embeddings
+        model = build(cfg, key="model.llm")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.llm built a {type(model).__name__}, not a model")
+        return model
+
+    def _fit_vocab(self, tokenizer) -> None:
+        if len(tokenizer) > self.llm.get_input_embeddings().num_embeddings:
+            self.llm.resize_token_embeddings(len(tokenizer))
+
+    def _add_lora(self, lora: Any, peft_model: str | None) -> None:
+        from peft import PeftModel, get_peft_model
+
+        if peft_model is not None:
+            self.llm = PeftModel.from_pretrained(self.llm, peft_model, is_trainable=True)
+            return
+        lora_cfg = dict(lora) if is_type_dict(lora) else lora
+        if isinstance(lora_cfg, dict):
+            if lora_cfg.get("target_modules") is None:
+                lora_cfg["target_modules"] = find_all_linear_names(self.llm)
+            lora_cfg = build(lora_cfg, key="model.lora")
+        elif getattr(lora_cfg, "target_modules", None) is None:
+            lora_cfg.target_modules = find_all_linear_names(self.llm)
+        self.llm = get_peft_model(self.llm, lora_cfg)
+
+    def _base_model(self) -> nn.Module:
+        model = self.llm
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    # -- training --------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **unused: Any) -> dict[str, torch.Tensor]:
+        """Summed cross-entropy over target tokens (``loss_sum``), their count, and their mean (``loss``)."""
+        targets = shifted_targets(labels)
+        kwargs: dict[str, Any] = {}
+        if self._keeps_logits:
+            keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+            kwargs["logits_to_keep"] = keep
+            targets = targets[:, keep]
+        out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                       use_cache=False, **kwargs)
+        loss_sum = causal_lm_loss_sum(out.logits, targets)
+        num_tokens = (targets != IGNORE_INDEX).sum()
+        return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
+
+    # -- checkpoints -----------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: only what is trained (adapters for LoRA/QLoRA)."""
+        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        own = dict(self.named_parameters())
+        missing = [n for n, p in own.items() if p.requires_grad and n not in state]
+        unexpected = [n for n in state if n not in own]
+        if strict and (missing or unexpected):
+            raise ConfigError(f"checkpoint does not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]} (was it saved from another config?)")
+        with torch.no_grad():
+            for name, value in state.items():
+                if name in own:
+                    own[name].copy_(value.to(own[name].dtype))
