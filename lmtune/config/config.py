@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ast
 import copy
+import enum
 import inspect
+import keyword
+import math
 import os
 import sys
 import traceback
@@ -29,13 +32,21 @@ from lmtune.config.errors import ConfigError, nearest
 _OVERRIDE_VAR = "__lmtune_overrides__"
 
 
+# Packages whose dotted names (torch.optim.SGD, torch.bfloat16) a command-line value may name. Other
+# dotted text stays a string unless its package is already imported: `data.jsonl` must never import
+# and run a `data.py` that happens to sit in the working directory.
+VALUE_PACKAGES = {"torch", "transformers", "peft", "datasets", "bitsandbytes", "lmtune", "math"}
+
+
 def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal, an importable dotted name, or a string."""
+    """A command-line value: a Python literal, a dotted name from a known package, or a string."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         pass
-    if "." in text and all(part.isidentifier() for part in text.split(".")):
+    parts = text.split(".")
+    if len(parts) > 1 and all(p.isidentifier() for p in parts) and (
+            parts[0] in VALUE_PACKAGES or parts[0] in sys.modules):
         obj = import_dotted(text)
         if obj is not None:
             return obj
@@ -71,17 +82,19 @@ class _InjectOverrides(ast.NodeTransformer):
         return ast.fix_missing_locations(node)
 
 
-def _assigned_names(stmt: ast.stmt) -> set[str]:
-    targets: list[ast.expr] = []
-    if isinstance(stmt, ast.Assign):
-        targets = list(stmt.targets)
-    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
-        targets = [stmt.target]
+_NEW_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
+               ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _assigned_names(stmt: ast.AST) -> set[str]:
+    """Names a top-level statement binds at module scope (``if``/``for``/``with`` bodies included)."""
+    if isinstance(stmt, _NEW_SCOPES):
+        return set()
     names: set[str] = set()
-    for target in targets:
-        for node in ast.walk(target):
-            if isinstance(node, ast.Name):
-                names.add(node.id)
+    if isinstance(stmt, ast.Name) and isinstance(stmt.ctx, ast.Store):
+        names.add(stmt.id)
+    for child in ast.iter_child_nodes(stmt):
+        names |= _assigned_names(child)
     return names
 
 
@@ -132,7 +145,11 @@ class Config(ConfigDict):
             elif isinstance(node, dict):
                 if part not in node and not _accepts(node, part):
                     raise ConfigError(f"--cfg-options: unknown key {dotted!r} ({part!r} is not in "
-                                      f"{where}{nearest(part, node.keys())})")
+                                      f"{where}{nearest(part, [*node.keys(), *_parameters(node)])})")
+                if part not in node and not last:
+                    raise ConfigError(f"--cfg-options {dotted}: {where} does not set {part!r} yet, so there "
+                                      f"is nothing inside it to change; set it whole, e.g. "
+                                      f"{'.'.join([*walked, part])}=\"{{'key': value}}\"")
                 if last:
                     node[part] = value
                 else:
@@ -145,6 +162,17 @@ class Config(ConfigDict):
     def dump(self, path: str | os.PathLike) -> None:
         """Write the effective config as Python that :meth:`fromfile` loads back."""
         Path(path).write_text(dumps(self), encoding="utf-8")
+
+
+def _parameters(node: dict) -> list[str]:
+    """The argument names of a ``dict(type=fn)``'s ``fn`` (for did-you-mean hints)."""
+    if not is_type_dict(node):
+        return []
+    try:
+        params = inspect.signature(resolve_callable(node["type"])).parameters
+    except (ConfigError, TypeError, ValueError):
+        return []
+    return [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _accepts(node: dict, key: str) -> bool:
@@ -232,7 +260,7 @@ class _Dumper:
         if isinstance(value, dict):
             if not value:
                 return "dict()"
-            if all(isinstance(k, str) and k.isidentifier() for k in value):
+            if all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k) for k in value):
                 items = [f"{pad}{k}={self.expr(v, indent + 4)}" for k, v in value.items()]
                 return "dict(\n" + ",\n".join(items) + ")"
             items = [f"{pad}{k!r}: {self.expr(v, indent + 4)}" for k, v in value.items()]
@@ -242,6 +270,13 @@ class _Dumper:
         if isinstance(value, tuple):
             inner = ", ".join(self.expr(v, indent + 4) for v in value)
             return f"({inner},)" if len(value) == 1 else f"({inner})"
+        if isinstance(value, enum.Enum):  # before str/int: TaskType.CAUSAL_LM is also a str
+            path = dotted_path(type(value))
+            if path is None:
+                raise ConfigError(f"cannot write {value!r} into a config file: its enum has no importable name")
+            return f"{self.ref(path)}.{value.name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"float({str(value)!r})"
         if value is None or isinstance(value, (bool, int, float, str, bytes)):
             return repr(value)
         try:

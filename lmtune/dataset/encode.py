@@ -38,19 +38,21 @@ class ConversationEncoder:
     def __call__(self, example: dict) -> dict:
         input_ids: list[int] = list(self.bos)
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
-        for turn in example["conversation"]:
+        for index, turn in enumerate(example["conversation"]):
+            if index > 0:  # the previous round's SEP goes between rounds only, never after the last
+                sep = self._encode(example["conversation"][index - 1].get("sep") or "")
+                input_ids += sep
+                labels += [IGNORE_INDEX] * len(sep)
             prompt = self._encode(turn.get("input") or "")
             input_ids += prompt
             labels += [IGNORE_INDEX] * len(prompt)
             answer = list(self._encode(turn.get("output") or ""))
-            if turn.get("need_eos_token", True):
+            # None means "not set" (Arrow fills a key that other rounds have with None)
+            if turn.get("need_eos_token") is not False:
                 answer += self.eos
             input_ids += answer
-            trained = turn.get("output_with_loss", True)
+            trained = turn.get("output_with_loss") is not False
             labels += answer if trained else [IGNORE_INDEX] * len(answer)
-            sep = self._encode(turn.get("sep") or "")
-            input_ids += sep
-            labels += [IGNORE_INDEX] * len(sep)
         if self.max_length is not None and len(input_ids) > self.max_length:
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": input_ids, "labels": labels, "length": len(input_ids)}

@@ -14,7 +14,8 @@ from lmtune.utils.templates import SYSTEM_TEMPLATE
 
 
 def _require(example: dict, key: str, fmt: str):
-    if key not in example:
+    # A row of a file that lacks a field comes out of Arrow with that field set to None.
+    if example.get(key) is None:
         raise ConfigError(
             f"a row has no {key!r} field, which {fmt} needs (row fields: {sorted(example)}); "
             "choose the dataset_map_fn that matches your data's format"
@@ -25,7 +26,7 @@ def _require(example: dict, key: str, fmt: str):
 def alpaca_map_fn(example: dict) -> dict:
     """Alpaca: ``instruction`` (+ optional ``input``) -> ``output``; ``<nooutput>`` rows dropped."""
     output = _require(example, "output", "alpaca_map_fn")
-    if output is None or output.strip() == "<nooutput>":
+    if output.strip() == "<nooutput>":
         return {"conversation": []}
     instruction = _require(example, "instruction", "alpaca_map_fn")
     extra = (example.get("input") or "").strip()

@@ -22,7 +22,8 @@ def template_map_fn(example: dict, template: dict) -> dict:
             text = template["SYSTEM"].format(system=system) + text
         turn["input"] = text
         turn["output"] = turn.get("output", "") + (template.get("SUFFIX") or "")
-        turn.setdefault("need_eos_token", not template.get("SUFFIX_AS_EOS", False))
+        if turn.get("need_eos_token") is None:  # absent, or None where Arrow filled a missing key
+            turn["need_eos_token"] = not template.get("SUFFIX_AS_EOS", False)
         turn["sep"] = template.get("SEP") or ""
         rounds.append(turn)
     return {"conversation": rounds}

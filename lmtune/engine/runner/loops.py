@@ -108,7 +108,7 @@ class TrainLoop:
                 with optim.optim_context():
                     out = model(**inputs)
                 optim.backward(out["loss_sum"] * scale)
-            outputs = {"loss": float(out["loss"]), "loss_sum": float(out["loss_sum"]),
+            outputs = {"loss": out["loss"].item(), "loss_sum": out["loss_sum"].item(),
                        "num_tokens": int(out["num_tokens"])}
             if last:
                 outputs["grad_norm"] = optim.step()

@@ -46,6 +46,12 @@ DEFAULT_HOOKS = {
 }
 
 
+# Hyperparameters of torch's optimizers; one the chosen optimizer lacks is dropped, not an error.
+OPTIMIZER_HPARAMS = {"betas", "eps", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
+                     "rho", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay",
+                     "lambd", "t0", "etas", "step_sizes"}
+
+
 class MessageHub:
     """The latest value of each runtime scalar (``time``, ``data_time``...)."""
 
@@ -217,8 +223,26 @@ class Runner:
         if "optimizer" not in cfg:
             raise ConfigError("optim_wrapper has no optimizer")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build(cfg.pop("optimizer"), key="optim_wrapper.optimizer", params=params)
+        optimizer_cfg = self._drop_foreign_hparams(cfg.pop("optimizer"))
+        optimizer = build(optimizer_cfg, key="optim_wrapper.optimizer", params=params)
         return build(cfg, key="optim_wrapper", optimizer=optimizer)
+
+    def _drop_foreign_hparams(self, cfg: Any) -> Any:
+        """Switching ``optim_type`` (say AdamW -> SGD) keeps working: hyperparameters of other
+        torch optimizers that the chosen one lacks (``betas`` for SGD) are dropped with a warning.
+        Any other unknown argument is still an error."""
+        if not isinstance(cfg, dict) or "type" not in cfg:
+            return cfg
+        fn = resolve_callable(cfg["type"], "optim_wrapper.optimizer")
+        cfg = dict(cfg)
+        for name in sorted(set(cfg) & OPTIMIZER_HPARAMS):
+            try:
+                check_kwargs(fn, {name: None}, None)
+            except ConfigError:
+                self.logger.warning(f"optim_wrapper.optimizer.{name} is ignored: "
+                                    f"{getattr(fn, '__name__', fn)} has no such hyperparameter")
+                del cfg[name]
+        return cfg
 
     def _build_schedulers(self, cfg: Any) -> list:
         if cfg is None:

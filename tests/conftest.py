@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny local models and data files, all offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+OASST1_ROWS = [
+    "### Human: What is the capital of France?### Assistant: The capital of France is Paris.",
+    "### Human: Say hello.### Assistant: Hello!### Human: Again, louder.### Assistant: HELLO!",
+    "### Human: Name a color.### Assistant: Blue.### Human: Another one?",
+    "### Human: Count to three.### Assistant: One, two, three.",
+    "### Human: What is two plus two?### Assistant: Two plus two is four.",
+    "### Human: Spell cat backwards.### Assistant: tac",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer Llama with a BPE tokenizer (ChatML specials, no BOS), saved like a hub model."""
+    from lmtune.tools.tiny_model import make_tiny_llama
+
+    texts = OASST1_ROWS + [json.dumps(r) for r in alpaca_rows()]
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), texts, vocab_size=512))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def alpaca_rows() -> list[dict]:
+    return [
+        {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        {"instruction": "Say nothing.", "input": "", "output": "<nooutput>"},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 plus 3 is 5."},
+        {"instruction": "Name a fruit.", "input": "", "output": "An apple is a fruit."},
+        {"instruction": "Reverse the word.", "input": "stone", "output": "enots"},
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def oasst1_dir(tmp_path) -> str:
+    """A local dataset dir holding oasst1-guanaco-format jsonl, as load_dataset(path=dir) reads it."""
+    rows = [{"text": t} for t in OASST1_ROWS] * 4
+    write_jsonl(tmp_path / "oasst1" / "train.jsonl", rows)
+    return str(tmp_path / "oasst1")
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> str:
+    return str(write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows() * 3))

@@ -1,0 +1,289 @@
+"""End to end: XTuner's five-part config trains with QLoRA, LoRA and full fine-tuning; every Part 1
+setting reaches the component it configures; exactness of accumulation, schedules and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lmtune.config import Config, ConfigError
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.runner import Runner
+
+SEED_CFG = Path(__file__).parent / "configs" / "seed_qlora_oasst1.py"
+
+
+def seed_overrides(model_dir: str, data_dir: str, **extra) -> dict:
+    """What a user edits to point the spec's config at a local model and data."""
+    base = dict(pretrained_model_name_or_path=model_dir, data_path=data_dir, max_length=96, max_epochs=1,
+                accumulative_counts=2, save_steps=4, evaluation_freq=4, lr=1e-2,
+                evaluation_inputs=["Say hello."])
+    base.update(extra)
+    return base
+
+
+def make_runner(tmp_path, model_dir, data_dir, nested: dict | None = None, **extra) -> Runner:
+    cfg = Config.fromfile(SEED_CFG, {**seed_overrides(model_dir, data_dir, **extra),
+                                     "custom_hooks.1.max_new_tokens": 6, **(nested or {})})
+    return Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def scalars(runner: Runner) -> list[dict]:
+    return read_jsonl(runner.log_dir / "scalars.jsonl")
+
+
+# ------------------------------------------------------------------ fine-tuning modes
+
+@pytest.mark.parametrize("mode", ["qlora", "lora", "full"])
+def test_seed_config_trains_in_every_mode(tmp_path, tiny_model_dir, oasst1_dir, mode):
+    nested = {}
+    if mode in ("lora", "full"):
+        nested["model.llm.quantization_config"] = None
+    if mode == "full":
+        nested["model.lora"] = None
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, nested={**nested, "default_hooks.logger.interval": 1})
+    model = runner.unwrapped_model
+    if mode == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert model.use_lora == (mode != "full")
+    runner.train()
+
+    work = runner.work_dir
+    latest = ckpt.find_latest(work)
+    assert latest is not None and latest.name == f"iter_{runner.max_iters}"
+    weights = ckpt.load_checkpoint(latest)["weights"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(weights) == trainable
+    if mode != "full":
+        assert all("lora_" in n for n in weights)
+    else:
+        assert len(weights) == len(list(model.parameters()))
+    logged = scalars(runner)
+    assert len(logged) == runner.max_iters and all(math.isfinite(s["loss"]) for s in logged)
+    answers = read_jsonl(runner.log_dir / "eval_chat.jsonl")
+    assert [a["when"] for a in answers][0] == "before training"
+    assert answers[-1]["when"] == "after training"
+    # the effective config is dumped and loads back
+    dumped = Config.fromfile(work / "seed_qlora_oasst1.py")
+    assert dumped.pretrained_model_name_or_path == tiny_model_dir
+
+
+def test_loss_falls(tmp_path, tiny_model_dir, oasst1_dir):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, max_epochs=6, accumulative_counts=1,
+                         nested={"model.llm.quantization_config": None, "model.lora": None,
+                                 "default_hooks.logger.interval": 1},
+                         lr=3e-3, evaluation_freq=1000, save_steps=1000)
+    runner.train()
+    losses = [s["loss"] for s in scalars(runner)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+
+
+def test_no_4bit_backend_stops_with_one_sentence(tmp_path, tiny_model_dir, oasst1_dir, monkeypatch):
+    import bitsandbytes.functional as F
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(F, "quantize_4bit", broken)
+    with pytest.raises(ConfigError) as err:
+        make_runner(tmp_path, tiny_model_dir, oasst1_dir)
+    message = str(err.value)
+    assert "4-bit" in message and "quantization_config=None" in message
+    assert ckpt.list_checkpoints(tmp_path / "work") == []
+
+
+# ------------------------------------------------------------------ Part 1 settings take effect
+
+def test_every_part1_setting_reaches_its_component(tmp_path, tiny_model_dir, oasst1_dir):
+    from torch.optim import Adam
+
+    from lmtune.engine.hooks import CheckpointHook, EvaluateChatHook
+    from lmtune.utils import PROMPT_TEMPLATE
+
+    runner = make_runner(
+        tmp_path, tiny_model_dir, oasst1_dir,
+        nested={"model.llm.quantization_config": None},
+        use_varlen_attn=True, prompt_template=PROMPT_TEMPLATE.qwen_chat, max_length=40,
+        pack_to_max_length=False, batch_size=2, accumulative_counts=3, dataloader_num_workers=1, max_epochs=2,
+        optim_type=Adam, lr=0.05, betas=(0.5, 0.6), weight_decay=0.01, max_norm=0.25, warmup_ratio=0.5,
+        save_steps=7, save_total_limit=5, evaluation_freq=9, SYSTEM="Be brief.",
+        evaluation_inputs=["one", "two"])
+    loader = runner.train_dataloader
+    assert runner.unwrapped_model.llm.get_base_model().config._name_or_path == tiny_model_dir
+    assert loader.batch_size == 2 and loader.num_workers == 1
+    rows = [loader.dataset[i] for i in range(len(loader.dataset))]
+    assert all(len(r["input_ids"]) <= 40 for r in rows) and "num_tokens" not in loader.dataset.column_names
+    assert runner.optim_wrapper.accumulative_counts == 3
+    assert type(runner.optim_wrapper.optimizer) is Adam
+    group = runner.optim_wrapper.param_groups[0]
+    assert group["initial_lr"] == 0.05 and group["weight_decay"] == 0.01 and group["betas"] == (0.5, 0.6)
+    assert runner.optim_wrapper.clip_grad["max_norm"] == 0.25
+    assert runner.max_epochs == 2
+    warmup, cosine = runner.param_schedulers
+    assert warmup.end == int(0.5 * 2 * len(loader)) == cosine.begin and cosine.end == 2 * len(loader)
+    ck = next(h for h in runner.hooks if isinstance(h, CheckpointHook))
+    assert (ck.interval, ck.max_keep_ckpts) == (7, 5)
+    chat = next(h for h in runner.hooks if isinstance(h, EvaluateChatHook))
+    assert chat.every_n_iters_ == 9 and chat.system == "Be brief." and chat.inputs == ["one", "two"]
+    assert chat._prompt("one").startswith("<|im_start|>system\nBe brief.")
+    batch = next(iter(loader))
+    assert "cumulative_len" in batch  # use_varlen_attn reaches the collate function
+    assert runner.unwrapped_model.use_varlen_attn
+    assert runner.cfg.tokenizer.pretrained_model_name_or_path == tiny_model_dir
+    # the template reaches the data: the first row is ChatML with the system-less instruction
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tok.decode(rows[0]["input_ids"]).startswith("<|im_start|>user\n")
+
+
+def test_betas_and_packing_reach_adamw(tmp_path, tiny_model_dir, oasst1_dir):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, nested={"model.llm.quantization_config": None},
+                         betas=(0.8, 0.95), max_length=64)
+    assert runner.optim_wrapper.param_groups[0]["betas"] == (0.8, 0.95)
+    rows = runner.train_dataloader.dataset
+    assert "num_tokens" in rows.column_names
+    assert all(sum(r["num_tokens"]) == len(r["input_ids"]) <= 64 for r in rows)
+
+
+# ------------------------------------------------------------------ exactness
+
+def _full_runner(tmp_path, tiny_model_dir, data_dir, name, **extra):
+    nested = {"model.llm.quantization_config": None, "model.lora": None, "model.llm.torch_dtype": torch.float32,
+              "optim_wrapper.dtype": "float32", "model.use_activation_checkpointing": False,
+              "custom_hooks": [], "default_hooks.logger.interval": 1}
+    nested.update(extra.pop("nested", {}))
+    cfg = Config.fromfile(SEED_CFG, {**seed_overrides(tiny_model_dir, data_dir, **extra), **nested})
+    return Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=3)
+
+
+def test_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir, oasst1_dir):
+    """4 accumulated micro-batches of 1 give the update of one batch of 4 (same rows, fp32)."""
+    from torch.optim import SGD
+
+    common = dict(optim_type=SGD, lr=1.0, max_norm=1e9, pack_to_max_length=False, warmup_ratio=0.0,
+                  save_steps=1000)
+    large = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "large", batch_size=4, accumulative_counts=1,
+                         nested={"train_cfg.max_epochs": None, "train_cfg.max_iters": 1, "param_scheduler": None},
+                         **common)
+    small = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "small", batch_size=1, accumulative_counts=4,
+                         nested={"train_cfg.max_epochs": None, "train_cfg.max_iters": 4, "param_scheduler": None,
+                                 "default_hooks.logger.interval": 4},
+                         **common)
+    before = {n: p.detach().clone() for n, p in small.unwrapped_model.named_parameters()}
+    for n, p in large.unwrapped_model.named_parameters():
+        assert torch.equal(p, before[n])
+    small.train()
+    large.train()
+    changed = 0
+    for (n, a), (_, b) in zip(small.unwrapped_model.named_parameters(), large.unwrapped_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+        changed += int(not torch.equal(a, before[n]))
+    assert changed > 0
+    # the logged loss of the step is the mean over all its target tokens either way
+    assert scalars(small)[-1]["loss"] == pytest.approx(scalars(large)[-1]["loss"], rel=1e-6)
+    assert scalars(small)[-1]["tokens"] == scalars(large)[-1]["tokens"]
+
+
+def test_lr_of_every_iteration_follows_the_closed_form(tmp_path, tiny_model_dir, oasst1_dir):
+    runner = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "lr", max_epochs=3, warmup_ratio=0.2,
+                          lr=1e-3, accumulative_counts=1, save_steps=1000, max_length=64)
+    n = len(runner.train_dataloader)
+    runner.train()
+    logged = [s["lr"] for s in scalars(runner)]
+    assert len(logged) == 3 * n
+    warm_end = int(0.2 * 3 * n)
+    for i, lr in enumerate(logged):
+        if i < warm_end:
+            factor = 1e-5 + (1 - 1e-5) * min(i, warm_end - 1) / max(warm_end - 1, 1)
+            expected = 1e-3 * factor
+        else:
+            expected = 0.5 * 1e-3 * (1 + math.cos(math.pi * (i - warm_end) / (3 * n - warm_end)))
+        assert lr == pytest.approx(expected, rel=1e-9, abs=1e-15), i
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, oasst1_dir):
+    kwargs = dict(max_epochs=2, accumulative_counts=2, save_steps=2, max_length=64, lr=1e-3,
+                  nested={"default_hooks.checkpoint.max_keep_ckpts": -1,
+                          # LoRA with dropout: resuming must restore the RNG for the dropout masks to match
+                          "model.lora": dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.1,
+                                             task_type="CAUSAL_LM")})
+    whole = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "whole", **kwargs)
+    assert whole.max_iters >= 6
+    whole.train()
+    trace = [(s["iter"], s["loss"], s["lr"]) for s in scalars(whole)]
+
+    # a run that stopped after its checkpoint at iteration 4 (mid-epoch) continues from it
+    cut = 4
+    resumed = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "whole", **kwargs)
+    resumed.load_checkpoint(whole.work_dir / f"iter_{cut}")
+    assert resumed.iter == cut
+    resumed.train()
+    tail = [(s["iter"], s["loss"], s["lr"]) for s in scalars(resumed)]
+    assert [t[0] for t in tail] == [t[0] for t in trace[cut:]]
+    for (i, loss_a, lr_a), (_, loss_b, lr_b) in zip(trace[cut:], tail):
+        assert loss_a == pytest.approx(loss_b, rel=1e-6, abs=1e-6), i
+        assert lr_a == pytest.approx(lr_b, rel=1e-12)
+    for (n, a), (_, b) in zip(whole.unwrapped_model.named_parameters(), resumed.unwrapped_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def test_resume_flag_takes_the_newest_checkpoint_and_load_from_only_weights(tmp_path, tiny_model_dir, oasst1_dir):
+    kwargs = dict(max_epochs=1, save_steps=2, max_length=64, accumulative_counts=1,
+                  nested={"model.llm.quantization_config": None})
+    first = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "w", **kwargs)
+    first.train()
+    latest = ckpt.find_latest(first.work_dir)
+    assert latest.name == f"iter_{first.max_iters}"
+
+    again = Runner.from_config(first.cfg, work_dir=str(first.work_dir), seed=3, resume=True)
+    assert again.iter == first.max_iters
+
+    fresh = Runner.from_config(first.cfg, work_dir=str(tmp_path / "other"), seed=3, load_from=str(latest))
+    assert fresh.iter == 0
+    for (n, a), (_, b) in zip(first.unwrapped_model.named_parameters(), fresh.unwrapped_model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, msg=n)
+
+
+def test_retention_keeps_the_newest(tmp_path, tiny_model_dir, oasst1_dir):
+    runner = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "keep", max_epochs=2, save_steps=1,
+                          accumulative_counts=1, max_length=64, save_total_limit=2)
+    runner.train()
+    kept = [p.name for p in ckpt.list_checkpoints(runner.work_dir)]
+    assert kept == [f"iter_{runner.max_iters - 1}", f"iter_{runner.max_iters}"]
+
+
+def test_crash_during_save_leaves_previous_checkpoints_intact(tmp_path, tiny_model_dir, oasst1_dir, monkeypatch):
+    runner = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "crash", max_epochs=2, save_steps=2,
+                          accumulative_counts=1, max_length=64, save_total_limit=-1)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the third checkpoint's trainer state
+            real_save(obj, f, *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError):
+        runner.train()
+    work = runner.work_dir
+    assert [p.name for p in ckpt.list_checkpoints(work)] == ["iter_2", "iter_4"]
+    assert (work / ckpt.POINTER).read_text().strip() == "iter_4"
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+    assert not (work / "iter_6").exists()
