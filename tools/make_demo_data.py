@@ -1,8 +1,8 @@
 """Regenerate lmtune/data/demo_alpaca.jsonl, the built-in demo's training data.
 
-Facts about countries in three question forms: few enough for a tiny model to
-learn in a couple of minutes on a CPU, regular enough that its answers are
-visibly right or wrong.
+Short facts about 60 countries in three fixed question forms with one-line
+answers: a tiny model created from random weights learns them in a couple of
+minutes on a CPU, and its answers are visibly right or wrong.
 """
 
 import json
@@ -38,16 +38,9 @@ COUNTRIES = [
 
 def rows():
     for country, capital, continent in COUNTRIES:
-        yield {"instruction": f"What is the capital of {country}?", "input": "",
-               "output": f"The capital of {country} is {capital}."}
-        yield {"instruction": f"Which country has {capital} as its capital?", "input": "",
-               "output": f"{capital} is the capital of {country}."}
-        yield {"instruction": "Which continent is this country in?", "input": country,
-               "output": f"{country} is in {continent}."}
-    for word in ["hello", "world", "model", "tune", "paris", "lmtune", "token", "train", "cat", "data",
-                 "python", "config", "loss", "river", "apple", "green", "music", "light", "stone", "ocean"]:
-        yield {"instruction": "Spell the word backwards.", "input": word, "output": word[::-1]}
-        yield {"instruction": "Write the word in capital letters.", "input": word, "output": word.upper()}
+        yield {"instruction": f"What is the capital of {country}?", "input": "", "output": f"{capital}."}
+        yield {"instruction": f"Which country has the capital {capital}?", "input": "", "output": f"{country}."}
+        yield {"instruction": f"Which continent is {country} in?", "input": "", "output": f"{continent}."}
 
 
 if __name__ == "__main__":

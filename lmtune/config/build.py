@@ -114,4 +114,9 @@ def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
         if name not in kwargs and _takes(fn, name):
             kwargs[name] = value
     check_kwargs(fn, kwargs, key)
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except (TypeError, ValueError) as exc:
+        # raised by the callable for the values it was given: a config mistake, reported with its key
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ConfigError(f"{key or name}: {name} rejected its arguments: {type(exc).__name__}: {exc}") from exc

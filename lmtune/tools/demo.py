@@ -23,5 +23,6 @@ def demo_model_dir() -> str:
     texts = []
     for line in DEMO_DATA.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        texts.append(" ".join([row["instruction"], row["input"], row["output"]]))
+        # each field on its own, as the encoder tokenizes them: answers start without a space
+        texts += [row["instruction"], row["input"], row["output"]]
     return cached_tiny_llama("demo-llama", texts, **DEMO_MODEL)

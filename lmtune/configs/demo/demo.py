@@ -1,5 +1,5 @@
 # lmtune built-in demo: full fine-tuning of a tiny Llama created on this machine, on sample
-# alpaca-format rows shipped with lmtune. CPU, no network, about two minutes.
+# alpaca-format rows shipped with lmtune (facts about 60 countries). CPU, no network, about a minute.
 # Copy it (or any built-in config), edit the settings in PART 1 and run `lmtune train your_cfg.py`.
 import torch
 from datasets import load_dataset
@@ -42,22 +42,22 @@ pack_to_max_length = True
 batch_size = 1  # per device
 accumulative_counts = 1
 dataloader_num_workers = 0
-max_epochs = 24
+max_epochs = 40
 optim_type = AdamW
-lr = 2e-3
+lr = 1e-3
 betas = (0.9, 0.98)
 weight_decay = 0.0
 max_norm = 1  # gradient clipping
 warmup_ratio = 0.03
 
 # Save
-save_steps = 200
+save_steps = 300
 save_total_limit = 2  # -1 keeps every checkpoint
 
 # Evaluate the generation performance during the training
-evaluation_freq = 150
+evaluation_freq = 300
 SYSTEM = SYSTEM_TEMPLATE.alpaca
-evaluation_inputs = ["What is the capital of France?", "Which country has Lima as its capital?"]
+evaluation_inputs = ["What is the capital of France?", "Which country has the capital Lima?"]
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #

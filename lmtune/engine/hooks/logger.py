@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 
 import torch
 
 from lmtune.engine.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
+
+
+def peak_memory_mib() -> int:
+    """Peak GPU memory allocated by torch on a GPU; peak resident memory of the process on a CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated() // 2**20)
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 2**20 if sys.platform == "darwin" else peak // 2**10)
 
 
 class LoggerHook(Hook):
@@ -56,8 +69,7 @@ class LoggerHook(Hook):
                    "data_time": runner.message_hub.get("data_time", 0.0)}
         if self._grad_norms:
             scalars["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
-        if torch.cuda.is_available():
-            scalars["memory"] = int(torch.cuda.max_memory_allocated() // 2**20)
+        scalars["memory"] = peak_memory_mib()
         eta = scalars["time"] * (runner.max_iters - runner.iter - 1)
         self._reset()
         if not is_main_process():
@@ -68,8 +80,7 @@ class LoggerHook(Hook):
                  f"eta: {datetime.timedelta(seconds=int(eta))}",
                  f"time: {scalars['time']:.4f}",
                  f"data_time: {scalars['data_time']:.4f}"]
-        if "memory" in scalars:
-            parts.append(f"memory: {scalars['memory']}")
+        parts.append(f"memory: {scalars['memory']}")
         parts.append(f"loss: {scalars['loss']:.4f}")
         if "grad_norm" in scalars:
             parts.append(f"grad_norm: {scalars['grad_norm']:.4f}")

@@ -1,0 +1,107 @@
+"""SupervisedFinetune and the optimizer wrappers on their own."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmtune.config import ConfigError, build
+from lmtune.engine import device as device_mod
+from lmtune.engine.optim import AmpOptimWrapper, OptimWrapper
+from lmtune.model import SupervisedFinetune
+from lmtune.model.sft import find_all_linear_names
+
+
+def llm_cfg(model_dir):
+    return dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=model_dir,
+                dtype=torch.float32)
+
+
+def batch():
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(8)[None]}
+
+
+def test_lora_targets_every_linear_layer_but_the_head(tiny_model_dir):
+    from peft import LoraConfig
+
+    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), lora=dict(type=LoraConfig, r=4, lora_alpha=8))
+    targets = set(model.llm.peft_config["default"].target_modules)
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    base = model.llm.get_base_model()
+    assert "lm_head" not in find_all_linear_names(base)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert set(model.trainable_state_dict()) == set(trainable)
+
+
+def test_activation_checkpointing_with_lora_gives_the_same_loss_and_gradients(tiny_model_dir):
+    from peft import LoraConfig
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=checkpointing,
+                                   lora=dict(type=LoraConfig, r=4, lora_alpha=8, init_lora_weights=False))
+        model.train()
+        out = model(**batch())
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g.abs().sum() > 0 for g in grads.values())
+        results.append((out["loss"].detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_loss_is_sum_over_target_tokens(tiny_model_dir):
+    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=False).eval()
+    data = batch()
+    with torch.no_grad():
+        out = model(**data)
+        logits = model.llm(input_ids=data["input_ids"]).logits[0, :-1]
+    targets = data["labels"][0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    assert int(out["num_tokens"]) == 5
+    torch.testing.assert_close(out["loss_sum"], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["loss"], expected / 5)
+
+
+def test_full_finetuning_keeps_fp32_master_weights(tiny_model_dir):
+    cfg = dict(llm_cfg(tiny_model_dir), dtype=torch.bfloat16)
+    model = SupervisedFinetune(llm=cfg, use_activation_checkpointing=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_fp16_on_cpu_falls_back_to_bf16_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setattr(device_mod, "_warned", set())
+    params = [torch.nn.Parameter(torch.ones(2))]
+    with caplog.at_level(logging.WARNING, logger="lmtune"):
+        first = AmpOptimWrapper(torch.optim.SGD(params, lr=0.1), dtype="float16")
+        second = AmpOptimWrapper(torch.optim.SGD(params, lr=0.1), dtype="float16")
+    assert first.dtype == second.dtype == torch.bfloat16 and first.scaler is None
+    assert sum("float16 is not a training dtype" in r.message for r in caplog.records) == 1
+    with first.optim_context():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_optim_wrapper_clips_and_reports_the_norm():
+    param = torch.nn.Parameter(torch.zeros(4))
+    wrapper = OptimWrapper(torch.optim.SGD([param], lr=1.0), clip_grad=dict(max_norm=1.0))
+    (param * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum().backward()
+    norm = wrapper.step()
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(param.detach(), -torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    assert param.grad is None
+
+
+def test_a_bad_value_is_a_config_error_naming_the_key():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ConfigError, match=r"optim_wrapper\.optimizer.*Invalid learning rate"):
+        build(dict(type=torch.optim.AdamW, lr=-1.0), key="optim_wrapper.optimizer", params=params)
