@@ -11,11 +11,12 @@ import pytest
 import torch
 from peft import LoraConfig
 
+import lmtune
 from lmtune.config import Config, ConfigError
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.runner import Runner
 
-SEED_CFG = Path(__file__).parent / "configs" / "seed_qlora_oasst1.py"
+SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
 
 
 def seed_overrides(model_dir: str, data_dir: str, **extra) -> dict:
@@ -43,16 +44,21 @@ def scalars(runner: Runner) -> list[dict]:
 
 # ------------------------------------------------------------------ fine-tuning modes
 
-@pytest.mark.parametrize("mode", ["qlora", "lora", "full"])
+@pytest.mark.parametrize("mode", ["qlora", "qlora-bf16", "qlora-fp32", "lora", "full"])
 def test_seed_config_trains_in_every_mode(tmp_path, tiny_model_dir, oasst1_dir, mode):
     nested = {}
+    if mode == "qlora-bf16":
+        nested["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.bfloat16
+    if mode == "qlora-fp32":
+        nested["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
+        nested["model.llm.torch_dtype"] = torch.float32
     if mode in ("lora", "full"):
         nested["model.llm.quantization_config"] = None
     if mode == "full":
         nested["model.lora"] = None
     runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, nested={**nested, "default_hooks.logger.interval": 1})
     model = runner.unwrapped_model
-    if mode == "qlora":
+    if mode.startswith("qlora"):
         import bitsandbytes as bnb
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -75,7 +81,7 @@ def test_seed_config_trains_in_every_mode(tmp_path, tiny_model_dir, oasst1_dir, 
     assert [a["when"] for a in answers][0] == "before training"
     assert answers[-1]["when"] == "after training"
     # the effective config is dumped and loads back
-    dumped = Config.fromfile(work / "seed_qlora_oasst1.py")
+    dumped = Config.fromfile(work / f"{SEED_CFG.stem}.py")
     assert dumped.pretrained_model_name_or_path == tiny_model_dir
 
 

@@ -127,10 +127,7 @@ class Runner:
         self.last_saved_iter: int | None = None
         name = Path(getattr(cfg, "filename", "config.py")).stem
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
-        self.timestamp = time.strftime("%Y%m%d_%H%M%S")
-        self.log_dir = self.work_dir / self.timestamp
-        if is_main_process():
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.timestamp, self.log_dir = self._new_log_dir()
         barrier()
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
         try:
@@ -142,6 +139,12 @@ class Runner:
         if is_main_process():
             (self.work_dir / f"{name}.py").write_text(self.config_text, encoding="utf-8")
 
+        env_cfg = dict(cfg.get("env_cfg") or {})
+        torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
+        self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")
+        if cfg.get("visualizer") is not None:
+            self.logger.warning("visualizer backends are not available in this version: scalars are written "
+                                "to scalars.jsonl in the log dir only")
         randomness = dict(cfg.get("randomness") or {})
         self.seed = self._choose_seed(seed if seed is not None else randomness.get("seed"))
         set_random_seed(self.seed, bool(randomness.get("deterministic", False)))
@@ -165,6 +168,19 @@ class Runner:
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Runner:
         return cls(cfg, **kwargs)
+
+    def _new_log_dir(self) -> tuple[str, Path]:
+        """A fresh ``<work_dir>/<timestamp>`` for this run's logs; never shared with an earlier run."""
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            name = stamp if n == 0 else f"{stamp}_{n}"
+            try:
+                (self.work_dir / name).mkdir()
+                return name, self.work_dir / name
+            except FileExistsError:
+                continue
+        raise ConfigError(f"cannot create a log directory in {self.work_dir}")
 
     # -- building --------------------------------------------------------
     def _choose_seed(self, seed: int | None) -> int:
@@ -197,6 +213,8 @@ class Runner:
         workers = int(cfg.get("num_workers", 0))
         if not workers:
             cfg.pop("persistent_workers", None)
+        elif self.mp_start_method:
+            cfg.setdefault("multiprocessing_context", self.mp_start_method)
         cfg.setdefault("pin_memory", self.device.type == "cuda")
         generator = torch.Generator()
         generator.manual_seed(self.seed)

@@ -1,5 +1,8 @@
-# The five-part config of XTuner's internlm2_chat_7b_qlora_oasst1_e3 example (the spec lmtune was made
-# from), with its xtuner/mmengine imports pointed at lmtune. Tests override the model and data paths.
+# QLoRA fine-tuning of InternLM2-Chat-7B on openassistant-guanaco, 3 epochs: the five-part config of
+# XTuner's internlm2_chat_7b_qlora_oasst1_e3 example, with its imports pointed at lmtune.
+# To use a local copy of the model or data, override the paths:
+#   lmtune train internlm2_chat_7b_qlora_oasst1_e3 \
+#       --cfg-options pretrained_model_name_or_path=/models/internlm2-chat-7b data_path=/data/guanaco
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
