@@ -105,3 +105,30 @@ def test_a_bad_value_is_a_config_error_naming_the_key():
     params = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(ConfigError, match=r"optim_wrapper\.optimizer.*Invalid learning rate"):
         build(dict(type=torch.optim.AdamW, lr=-1.0), key="optim_wrapper.optimizer", params=params)
+
+
+def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
+    """Generating in eval mode (the evaluate-chat hook) must not change the gradients of the next step."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    quant = dict(type=BitsAndBytesConfig, load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                 bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    torch.manual_seed(0)
+    model = SupervisedFinetune(llm=dict(llm_cfg(tiny_model_dir), quantization_config=quant),
+                               lora=dict(type=LoraConfig, r=4, lora_alpha=8, init_lora_weights=False),
+                               use_activation_checkpointing=False)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(**batch())["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model.llm.generate(input_ids=batch()["input_ids"], max_new_tokens=2, do_sample=False)
+    after = grads()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)

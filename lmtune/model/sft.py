@@ -44,6 +44,20 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _keep_4bit_weights_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` run in eval mode without grad (as
+    the evaluate-chat hook does) permanently switches its weight to a packed
+    inference layout whose kernel has no backward, so later training steps
+    silently lose the gradient through every quantized layer. Training needs
+    the trainable layout at all times.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class SupervisedFinetune(nn.Module):
     """The model being fine-tuned.
 
@@ -75,6 +89,7 @@ class SupervisedFinetune(nn.Module):
             from peft import prepare_model_for_kbit_training
 
             self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
+            _keep_4bit_weights_trainable(self.llm)
         if use_activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.use_lora = lora is not None or peft_model is not None

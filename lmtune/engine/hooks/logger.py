@@ -28,12 +28,14 @@ class LoggerHook(Hook):
     """Every ``interval`` iterations: iteration, lr, loss, grad norm, time, ETA and memory.
 
     The same scalars go to ``<log_dir>/scalars.jsonl``, one JSON object per line.
-    The loss is the mean over all target tokens since the previous line.
+    The loss is the mean over all target tokens since the previous line. The
+    last iteration is always logged unless ``ignore_last=True``, so a short run
+    still shows its final loss.
     """
 
     priority = "BELOW_NORMAL"
 
-    def __init__(self, interval: int = 10, log_metric_by_epoch: bool = False, ignore_last: bool = True,
+    def __init__(self, interval: int = 10, log_metric_by_epoch: bool = False, ignore_last: bool = False,
                  interval_exp_name: int = 1000, out_dir: str | None = None, keep_local: bool = True,
                  **unused) -> None:
         self.interval = max(1, int(interval))
