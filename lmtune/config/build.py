@@ -96,6 +96,19 @@ def check_kwargs(fn: Callable, kwargs: dict, key: str | None) -> None:
             )
 
 
+def _check_local_path(fn: Callable, kwargs: dict, key: str | None) -> None:
+    """``from_pretrained`` of a path that looks local but is missing: say so, not 'bad repo id'."""
+    import os
+
+    path = kwargs.get("pretrained_model_name_or_path")
+    if getattr(fn, "__name__", "") != "from_pretrained" or not isinstance(path, str):
+        return
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep + os.sep in path
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"{key or 'from_pretrained'}: the model path {path!r} does not exist "
+                          "(set pretrained_model_name_or_path to a local model dir or a hub id)")
+
+
 def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
     """Build ``cfg`` if it is a ``dict(type=...)``; return anything else unchanged.
 
@@ -114,6 +127,7 @@ def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
         if name not in kwargs and _takes(fn, name):
             kwargs[name] = value
     check_kwargs(fn, kwargs, key)
+    _check_local_path(fn, kwargs, key)
     try:
         return fn(**kwargs)
     except (TypeError, ValueError) as exc:

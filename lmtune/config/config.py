@@ -120,7 +120,10 @@ class Config(ConfigDict):
         top = {k: v for k, v in overrides.items() if "." not in k}
         nested = {k: v for k, v in overrides.items() if "." in k}
         namespace = _run_config(path, source, top)
-        cfg = cls(namespace)
+        cfg = cls()
+        memo: dict[int, Any] = {}
+        for key, value in namespace.items():
+            dict.__setitem__(cfg, key, _convert_shared(value, memo))
         dict.__setattr__(cfg, "filename", str(path.resolve()))
         for key, value in nested.items():
             cfg.set_nested(key, value)
@@ -173,6 +176,31 @@ def _parameters(node: dict) -> list[str]:
     except (ConfigError, TypeError, ValueError):
         return []
     return [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _convert_shared(value: Any, memo: dict[int, Any]) -> Any:
+    """Dicts -> ConfigDicts, keeping shared objects shared.
+
+    A config that writes ``tokenizer=tokenizer`` in three places refers to one
+    dict; it stays one object, so ``--cfg-options tokenizer.padding_side=left``
+    changes it everywhere it is used, as the file's own Python semantics say.
+    """
+    if isinstance(value, dict) or (isinstance(value, list) and not isinstance(value, tuple)):
+        if id(value) in memo:
+            return memo[id(value)]
+        if isinstance(value, dict):
+            out: Any = ConfigDict()
+            memo[id(value)] = out
+            for k, v in value.items():
+                dict.__setitem__(out, k, _convert_shared(v, memo))
+        else:
+            out = []
+            memo[id(value)] = out
+            out.extend(_convert_shared(v, memo) for v in value)
+        return out
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_convert_shared(v, memo) for v in value)
+    return value
 
 
 def _accepts(node: dict, key: str) -> bool:

@@ -56,16 +56,36 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _remove_leftovers(work_dir: Path) -> None:
+    """Temporary directories of saves that were killed midway (one writer per work dir)."""
+    for path in work_dir.glob(".*_*.tmp"):
+        if path.is_dir() and path.name.startswith((".iter_", ".epoch_")):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in work_dir.glob(".*.old"):
+        if path.is_dir() and path.name.startswith((".iter_", ".epoch_")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict | None, trainer_state: dict, meta: dict) -> Path:
-    """Write checkpoint ``name`` atomically and point ``last_checkpoint`` at it."""
+                    optimizer_state: dict | None, trainer_state: dict, meta: dict,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write checkpoint ``name`` atomically and point ``last_checkpoint`` at it.
+
+    ``extra_files`` (name -> text) are written alongside, e.g. the effective config.
+    """
     from safetensors.torch import save_file
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(work_dir)
     final = work_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=work_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is as readable as the work dir
     try:
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)

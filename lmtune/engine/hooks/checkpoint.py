@@ -21,7 +21,17 @@ class CheckpointHook(Hook):
 
     def __init__(self, interval: int = -1, by_epoch: bool = True, save_optimizer: bool = True,
                  save_param_scheduler: bool = True, out_dir: str | None = None, max_keep_ckpts: int = -1,
-                 save_last: bool = True, **unused) -> None:
+                 save_last: bool = True, save_best: str | None = None, rule: str | None = None,
+                 greater_keys: list | None = None, less_keys: list | None = None, file_client_args: dict | None = None,
+                 filename_tmpl: str | None = None, backend_args: dict | None = None,
+                 published_keys: list | None = None, save_begin: int = 0) -> None:
+        """MMEngine's arguments are accepted. ``save_best``/``rule``/``greater_keys``/``less_keys`` need
+        validation metrics, which supervised fine-tuning runs here do not produce; a config that sets
+        ``save_best`` is refused rather than silently ignored. ``filename_tmpl``, ``file_client_args``,
+        ``backend_args`` and ``published_keys`` have no effect; ``save_begin`` delays the first save."""
+        if save_best is not None:
+            raise ValueError("save_best needs validation metrics, which lmtune does not compute yet")
+        self.save_begin = int(save_begin)
         self.interval = int(interval)
         self.by_epoch = by_epoch
         self.save_optimizer = save_optimizer
@@ -41,7 +51,7 @@ class CheckpointHook(Hook):
                 runner.logger.info(f"Removed old checkpoint {old}")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        if not self.by_epoch and self.every_n_iters(runner, self.interval):
+        if not self.by_epoch and self.every_n_iters(runner, self.interval) and runner.iter + 1 >= self.save_begin:
             self._pending = True
         if self._pending and runner.at_step_boundary:
             self._save(runner)

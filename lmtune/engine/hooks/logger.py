@@ -36,8 +36,11 @@ class LoggerHook(Hook):
     priority = "BELOW_NORMAL"
 
     def __init__(self, interval: int = 10, log_metric_by_epoch: bool = False, ignore_last: bool = False,
-                 interval_exp_name: int = 1000, out_dir: str | None = None, keep_local: bool = True,
-                 **unused) -> None:
+                 interval_exp_name: int = 1000, out_dir: str | None = None, out_suffix=(".json", ".log", ".py"),
+                 keep_local: bool = True, file_client_args: dict | None = None,
+                 backend_args: dict | None = None) -> None:
+        """MMEngine's arguments are accepted; ``interval_exp_name``, ``out_dir``, ``out_suffix``,
+        ``keep_local``, ``file_client_args`` and ``backend_args`` have no effect (logs stay in the log dir)."""
         self.interval = max(1, int(interval))
         self.log_metric_by_epoch = log_metric_by_epoch
         self.ignore_last = ignore_last

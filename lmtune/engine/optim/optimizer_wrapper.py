@@ -28,6 +28,10 @@ class OptimWrapper:
         self.optimizer = optimizer
         self.accumulative_counts = int(accumulative_counts)
         self.clip_grad = dict(clip_grad) if clip_grad else None
+        if self.clip_grad is not None:
+            max_norm = self.clip_grad.get("max_norm")
+            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+                raise ValueError(f"clip_grad.max_norm must be a positive number, got {max_norm!r}")
         self.device = default_device()
 
     # -- the step ---------------------------------------------------------

@@ -34,6 +34,9 @@ class TrainLoop:
         self.iters_per_epoch = len(dataloader)
         if self.iters_per_epoch == 0:
             raise ConfigError("the train dataloader is empty: the dataset has fewer rows than one batch")
+        for name, value in (("max_epochs", max_epochs), ("max_iters", max_iters)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"train_cfg.{name} must be a positive integer, got {value!r}")
         if max_epochs is not None:
             self.max_epochs = int(max_epochs)
             self.max_iters = self.max_epochs * self.iters_per_epoch

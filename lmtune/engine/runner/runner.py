@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lmtune
-from lmtune.config import Config, ConfigError, build, dumps
+from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.config.build import check_kwargs, resolve_callable
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
@@ -50,6 +50,25 @@ DEFAULT_HOOKS = {
 OPTIMIZER_HPARAMS = {"betas", "eps", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
                      "rho", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay",
                      "lambd", "t0", "etas", "step_sizes"}
+
+
+# Top-level keys the runner reads. A key in a config that is a near miss of one of these (and that one is
+# absent) is a typo: without this check `param_schedulr = [...]` would silently train without a schedule.
+RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
+               "default_hooks", "custom_hooks", "env_cfg", "visualizer", "log_level", "load_from", "resume",
+               "randomness", "log_processor", "work_dir", "launcher", "default_scope"}
+
+
+def check_top_level_keys(cfg: dict) -> None:
+    import difflib
+
+    for key in cfg:
+        if key in RUNNER_KEYS:
+            continue
+        close = difflib.get_close_matches(key, sorted(RUNNER_KEYS - set(cfg)), n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"unknown top-level key {key!r}; did you mean {close[0]!r}? "
+                              f"(lmtune reads {close[0]!r}, which the config does not set)")
 
 
 class MessageHub:
@@ -130,27 +149,32 @@ class Runner:
         self.timestamp, self.log_dir = self._new_log_dir()
         barrier()
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
-        try:
-            self.config_text = dumps(cfg)
-        except ConfigError as exc:
-            self.config_text = Path(cfg.filename).read_text() if hasattr(cfg, "filename") else repr(cfg)
-            self.logger.warning(f"The effective config cannot be written as Python ({exc}); "
-                                "the work dir gets the original file instead.")
-        if is_main_process():
-            (self.work_dir / f"{name}.py").write_text(self.config_text, encoding="utf-8")
-
+        check_top_level_keys(cfg)
         env_cfg = dict(cfg.get("env_cfg") or {})
         torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
         self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")
         if cfg.get("visualizer") is not None:
             self.logger.warning("visualizer backends are not available in this version: scalars are written "
                                 "to scalars.jsonl in the log dir only")
+
+        resume = cfg.get("resume", False) if resume is None else resume
+        load_from = load_from or cfg.get("load_from")
+        self.resume_from = self._resume_path(resume, load_from)
+        self._resume_state = ckpt.load_checkpoint(self.resume_from) if self.resume_from else None
         randomness = dict(cfg.get("randomness") or {})
+        if self._resume_state is not None:  # the resumed run is the same run: same seed, same data order
+            saved = int(self._resume_state["trainer"]["seed"])
+            if seed is not None and int(seed) != saved:
+                self.logger.warning(f"--seed {seed} ignored: resuming continues the run of seed {saved}")
+            seed = saved
         self.seed = self._choose_seed(seed if seed is not None else randomness.get("seed"))
         set_random_seed(self.seed, bool(randomness.get("deterministic", False)))
+        self.config_text = self._dump_config(name, randomness)
         self.logger.info(f"lmtune {lmtune.__version__}  work_dir: {self.work_dir}  seed: {self.seed}  "
                          f"device: {self.device}")
 
+        # hooks first: their settings are checked before any data or weights are loaded
+        self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))
         self.model = self._build_model(cfg.get("model"))
         self.optim_wrapper = self._build_optim_wrapper(cfg.get("optim_wrapper"))
@@ -159,11 +183,33 @@ class Runner:
         train_cfg.pop("by_epoch", None)
         train_cfg.setdefault("type", TrainLoop)
         self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader)
-        self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
 
-        resume = cfg.get("resume", False) if resume is None else resume
-        load_from = load_from or cfg.get("load_from")
-        self._load_initial(resume, load_from)
+        if self._resume_state is not None:
+            self._apply_checkpoint(self.resume_from, self._resume_state, resume=True)
+        elif load_from:
+            self.load_checkpoint(load_from, resume=False)
+        self._resume_state = None
+
+    def _dump_config(self, name: str, randomness: dict) -> str:
+        """Write the effective config (overrides applied, the seed actually used) as Python."""
+        effective = ConfigDict(self.cfg)
+        effective["randomness"] = {**randomness, "seed": self.seed}
+        try:
+            text = dumps(effective)
+        except ConfigError as exc:
+            text = Path(self.cfg.filename).read_text() if hasattr(self.cfg, "filename") else repr(self.cfg)
+            self.logger.warning(f"The effective config cannot be written as Python ({exc}); "
+                                "the work dir gets the original file instead.")
+        if is_main_process():
+            (self.log_dir / f"{name}.py").write_text(text, encoding="utf-8")
+            target = self.work_dir / f"{name}.py"
+            source = Path(getattr(self.cfg, "filename", "")).resolve()
+            if target.resolve() == source:
+                self.logger.warning(f"not writing the effective config over {source} (the work dir holds the "
+                                    f"config itself); it is in {self.log_dir}")
+            else:
+                target.write_text(text, encoding="utf-8")
+        return text
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Runner:
@@ -333,25 +379,29 @@ class Runner:
         if is_main_process():
             path = ckpt.save_checkpoint(out_dir or self.work_dir, f"iter_{step}",
                                         self.unwrapped_model.trainable_state_dict(), optimizer_state,
-                                        trainer, meta)
+                                        trainer, meta, extra_files={"config.py": self.config_text})
             self.logger.info(f"Saved checkpoint {path}")
         barrier()
         self.last_saved_iter = step
         return path
 
-    def _load_initial(self, resume: bool | str, load_from: str | None) -> None:
-        if resume:
-            path = resume if isinstance(resume, (str, Path)) else load_from
-            path = Path(path) if path else ckpt.find_latest(self.work_dir)
-            if path is None:
-                self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
-                return
-            self.load_checkpoint(path, resume=True)
-        elif load_from:
-            self.load_checkpoint(load_from, resume=False)
+    def _resume_path(self, resume: bool | str, load_from: str | None) -> Path | None:
+        """The checkpoint to resume from: a given path, ``load_from`` or the newest in the work dir."""
+        if not resume:
+            return None
+        path = resume if isinstance(resume, (str, Path)) else load_from
+        if path:
+            return Path(path)
+        found = ckpt.find_latest(self.work_dir)
+        if found is None:
+            self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
+        return found
 
     def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
-        state = ckpt.load_checkpoint(path)
+        """Load weights (``resume=False``) or the whole training state of a checkpoint."""
+        self._apply_checkpoint(Path(path), ckpt.load_checkpoint(path), resume)
+
+    def _apply_checkpoint(self, path: Path, state: dict, resume: bool) -> None:
         self.unwrapped_model.load_trainable_state_dict(state["weights"])
         if not resume:
             self.logger.info(f"Loaded weights from {path}")
@@ -359,6 +409,9 @@ class Runner:
         if state["optimizer"] is None:
             raise ConfigError(f"{path} was saved without optimizer state and cannot be resumed; "
                               "use load_from to start from its weights")
+        digest = hashlib.sha256(self.config_text.encode()).hexdigest()
+        if state["meta"].get("config_sha256") not in (None, digest):
+            self.logger.warning(f"the config differs from the one {path} was trained with; resuming anyway")
         self.optim_wrapper.load_state_dict(state["optimizer"]["optim_wrapper"])
         for scheduler, s_state in zip(self.param_schedulers, state["optimizer"]["param_schedulers"]):
             scheduler.load_state_dict(s_state)
