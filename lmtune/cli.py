@@ -32,19 +32,50 @@ def resolve_config(name: str) -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lmtune.config import Config, parse_overrides
-
     if int(os.environ.get("NPROC_PER_NODE", "1")) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 \
             or args.launcher != "none" or args.deepspeed:
         raise ConfigError("multi-process training (NPROC_PER_NODE, --launcher, --deepspeed) is not "
                           "available in this version of lmtune yet; run on one device")
-    cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    cfg = _load(args)
     from lmtune.engine.runner import Runner
 
     runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
                                 resume=args.resume if args.resume is not None else None)
     runner.train()
     return 0
+
+
+def _load(args: argparse.Namespace):
+    from lmtune.config import Config, parse_overrides
+
+    return Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+
+
+def _check_dataset(args: argparse.Namespace) -> int:
+    from lmtune.tools.dataset_tools import check_dataset
+
+    problems = check_dataset(_load(args), sys.stdout, rows_to_show=args.rows)
+    return 1 if problems else 0
+
+
+def _log_dataset(args: argparse.Namespace) -> int:
+    from lmtune.tools.dataset_tools import log_dataset
+
+    log_dataset(_load(args), args.show, sys.stdout, rows=args.rows)
+    return 0
+
+
+def _list_dataset_format(args: argparse.Namespace) -> int:
+    from lmtune.tools.dataset_tools import list_dataset_formats
+
+    list_dataset_formats(sys.stdout)
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="path to a config .py, or a built-in config name")
+    parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override settings")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deepspeed", help="DeepSpeed config name or JSON path")
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     train.set_defaults(func=_train)
+
+    check = sub.add_parser("check-dataset", help="show what each data stage makes of the first rows; report "
+                                                 "malformed rows")
+    _add_config_args(check)
+    check.add_argument("--rows", type=int, default=2, help="rows to show (default 2)")
+    check.set_defaults(func=_check_dataset)
+
+    log = sub.add_parser("log-dataset", help="print the first processed training rows")
+    _add_config_args(log)
+    log.add_argument("--show", choices=["text", "masked_text", "input_ids", "labels", "all"], default="all")
+    log.add_argument("--rows", type=int, default=1)
+    log.set_defaults(func=_log_dataset)
+
+    formats = sub.add_parser("list-dataset-format", help="list the dataset formats (map functions)")
+    formats.set_defaults(func=_list_dataset_format)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # bitsandbytes announces at import that an optional CPU inference kernel from a model hub is missing;
+    # it is not used for training and the message only confuses (errors from it still show)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

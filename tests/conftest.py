@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# processed-dataset and tiny-model caches of this test session, never the user's
+os.environ.setdefault("LMTUNE_CACHE", tempfile.mkdtemp(prefix="lmtune-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -281,7 +281,7 @@ def test_encoder_truncates_to_max_length(tiny_tokenizer):
     for max_length in (5, len(ids_of(tiny_tokenizer, QWEN_PROMPT_1)) + 2, n - 1):
         row = ConversationEncoder(tiny_tokenizer, max_length)(example)
         assert row == {"input_ids": full["input_ids"][:max_length], "labels": full["labels"][:max_length],
-                       "length": max_length}
+                       "length": max_length, "truncated": True}
     assert ConversationEncoder(tiny_tokenizer, n)(example) == full
     assert ConversationEncoder(tiny_tokenizer, n + 10)(example) == full
 
@@ -395,7 +395,7 @@ def test_process_drops_rows_without_trained_tokens(tiny_tokenizer):
     ds = process_hf_dataset(Dataset.from_list(text), tokenizer=tiny_tokenizer, max_length=40,
                             dataset_map_fn=pretrain_map_fn, pack_to_max_length=False)
     assert len(ids_of(tiny_tokenizer, "The")) == 1
-    assert [r["text"] for r in ds] == ["The quick brown fox."]
+    assert [decode(tiny_tokenizer, r["input_ids"]) for r in ds] == ["The quick brown fox."]
 
 
 def test_process_max_dataset_length_subsamples(oasst1_dir, tiny_tokenizer):
@@ -410,12 +410,12 @@ def test_process_max_dataset_length_subsamples(oasst1_dir, tiny_tokenizer):
 
 
 def test_process_names_the_failing_row(tmp_path, alpaca_file, tiny_tokenizer):
-    with pytest.raises(ConfigError, match=r"dataset_map_fn failed on row 0: a row has no 'text' field"):
+    with pytest.raises(ConfigError, match=r"map_fn failed on row 0 of .*alpaca.jsonl: a row has no 'text'"):
         process_hf_dataset(dict(type=load_dataset, path="json", data_files=alpaca_file), tokenizer=tiny_tokenizer,
                            max_length=64, dataset_map_fn=oasst1_map_fn)
     rows = [{"input": "Q", "output": "A"}] * 3 + [{"input": "Q"}]
     data = str(write_jsonl(tmp_path / "default.jsonl", rows))
-    with pytest.raises(ConfigError, match=r"dataset_map_fn failed on row 3: a row has no 'output' field"):
+    with pytest.raises(ConfigError, match=r"dataset_map_fn failed on row 3 of .*: a row has no 'output' field"):
         process_hf_dataset(dict(type=load_dataset, path="json", data_files=data), tokenizer=tiny_tokenizer,
                            max_length=64, dataset_map_fn=default_map_fn)
     with pytest.raises(ConfigError, match="did you mean 'alpaca'"):

@@ -29,9 +29,11 @@ def render(template, rounds, system=None, eos="</s>"):
     for i, (inp, out) in enumerate(rounds):
         if i > 0:
             parts.append(template.get("SEP", ""))
-        if i == 0 and system:
-            parts.append(template.SYSTEM.format(system=system))
-        parts.append(template.INSTRUCTION.format(input=inp, round=i + 1))
+        system_text = template.SYSTEM.format(system=system) if i == 0 and system else ""
+        if "system" in fields(template.INSTRUCTION):  # the system block goes into the instruction
+            parts.append(template.INSTRUCTION.format(input=inp, round=i + 1, system=system_text))
+        else:
+            parts.append(system_text + template.INSTRUCTION.format(input=inp, round=i + 1))
         parts.append(out + template.get("SUFFIX", ""))
         if not template.get("SUFFIX_AS_EOS", False):
             parts.append(eos)
@@ -74,9 +76,12 @@ EXPECTED = {
         "<|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nAn assistant.<|eot_id|>"
     ),
-    # System text before the first [INST] (documented); the rest is Mistral's v1 text.
-    "mistral": "Be brief.\n\n[INST] Hi [/INST]Hello!</s>[INST] Who are you? [/INST]An assistant.</s>",
-    "mistral_v3": "Be brief.\n\n[INST] Hi[/INST]Hello!</s>[INST] Who are you?[/INST]An assistant.</s>",
+    # Mistral's reference text: the system text opens the first [INST] (v3 puts it in the last:
+    # documented), and the space before each answer is the tokenizer's own.
+    "mistral": "[INST] Be brief.\n\nHi [/INST]Hello!</s>[INST] Who are you? [/INST]An assistant.</s>",
+    "mistral_v3": "[INST] Be brief.\n\nHi[/INST]Hello!</s>[INST] Who are you?[/INST]An assistant.</s>",
+    "llama2_chat": ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]Hello!</s>"
+                    "[INST] Who are you? [/INST]An assistant.</s>"),
     "default": (
         "<|System|>:Be brief.\n<|User|>:Hi\n<|Bot|>:Hello!</s>\n"
         "<|User|>:Who are you?\n<|Bot|>:An assistant.</s>"
@@ -114,9 +119,8 @@ EXPECTED = {
         "Be brief.\n\n[Round 1]\n\n问：Hi\n\n答：Hello!</s>\n\n"
         "[Round 2]\n\n问：Who are you?\n\n答：An assistant.</s>"
     ),
-    "gemma": (
-        "<start_of_turn>user\nBe brief.<end_of_turn>\n"
-        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+    "gemma3_chat": (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nWho are you?<end_of_turn>\n"
         "<start_of_turn>model\nAn assistant.<end_of_turn>"
     ),
@@ -142,7 +146,7 @@ def test_template_fields(name):
     assert set(tpl) <= REQUIRED | OPTIONAL, f"{name} has unknown keys {set(tpl) - REQUIRED - OPTIONAL}"
     assert fields(tpl.SYSTEM) == {"system"}
     assert "input" in fields(tpl.INSTRUCTION)
-    assert fields(tpl.INSTRUCTION) <= {"input", "round"}
+    assert fields(tpl.INSTRUCTION) <= {"input", "round", "system"}
     assert isinstance(tpl.STOP_WORDS, list)
     assert all(isinstance(w, str) and w for w in tpl.STOP_WORDS)
     # Optional keys appear only when they change something.

@@ -3,13 +3,18 @@
 Each round's prompt (the templated input) and answer are tokenized separately,
 so the prompt tokens are exactly what the model sees at inference, where
 generation starts right after the prompt. Only answers (with their suffix and,
-when the template asks for it, the EOS token) carry labels.
+when the template asks for it, the EOS token) carry labels. Labels are set by
+position, never by token id, so an EOS that is also the pad token stays trained.
+
+Rows marked by ``template_map_fn_factory(None)`` are rendered with the tokenizer's
+own chat template instead (``lmtune.dataset.chat_template``).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
 from lmtune.utils.constants import IGNORE_INDEX
 
 
@@ -23,7 +28,8 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 
 class ConversationEncoder:
-    """Turns ``{'conversation': [...]}`` rows into ``input_ids`` and ``labels``."""
+    """Turns ``{'conversation': [...]}`` rows into ``input_ids``, ``labels`` and ``length``
+    (and ``truncated: True`` when the row was cut to ``max_length``)."""
 
     def __init__(self, tokenizer, max_length: int | None) -> None:
         self.tokenizer = tokenizer
@@ -31,16 +37,22 @@ class ConversationEncoder:
         self.bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self._encode = lru_cache(maxsize=256)(self._encode_uncached)
+        self._chat_encoder: ChatTemplateEncoder | None = None
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False)) if text else ()
 
     def __call__(self, example: dict) -> dict:
-        input_ids: list[int] = list(self.bos)
-        labels: list[int] = [IGNORE_INDEX] * len(input_ids)
-        for index, turn in enumerate(example["conversation"]):
+        conversation = example["conversation"]
+        if conversation and conversation[0].get(CHAT_TEMPLATE_KEY):
+            if self._chat_encoder is None:
+                self._chat_encoder = ChatTemplateEncoder(self.tokenizer)
+            return truncate(self._chat_encoder(conversation), self.max_length)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for index, turn in enumerate(conversation):
             if index > 0:  # the previous round's SEP goes between rounds only, never after the last
-                sep = self._encode(example["conversation"][index - 1].get("sep") or "")
+                sep = self._encode(conversation[index - 1].get("sep") or "")
                 input_ids += sep
                 labels += [IGNORE_INDEX] * len(sep)
             prompt = self._encode(turn.get("input") or "")
@@ -53,12 +65,22 @@ class ConversationEncoder:
             input_ids += answer
             trained = turn.get("output_with_loss") is not False
             labels += answer if trained else [IGNORE_INDEX] * len(answer)
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": input_ids, "labels": labels, "length": len(input_ids)}
+        if self.bos and input_ids[:1] != self.bos:  # a template that writes the BOS text itself gets no second one
+            input_ids, labels = self.bos + input_ids, [IGNORE_INDEX] + labels
+        return truncate({"input_ids": input_ids, "labels": labels, "length": len(input_ids)}, self.max_length)
+
+
+def truncate(row: dict, max_length: int | None) -> dict:
+    """``row`` cut to ``max_length`` tokens; a cut row says so with ``truncated: True``."""
+    if max_length is None or row["length"] <= max_length:
+        return row
+    return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length],
+            "length": max_length, "truncated": True}
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a generation prompt, with BOS exactly as in training."""
-    bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer_adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids

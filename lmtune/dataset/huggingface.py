@@ -1,4 +1,10 @@
-"""``process_hf_dataset``: rows -> map_fn -> template -> tokens and labels -> packed rows."""
+"""``process_hf_dataset``: rows -> map_fn -> template -> tokens and labels -> packed rows.
+
+One batched pass turns raw rows into token ids and labels (map function,
+template and tokenization together, in ``map_num_proc`` processes), a second
+packs them. The result is cached on disk (see :mod:`lmtune.dataset.cache`);
+with several ranks, rank 0 prepares it and the others load the cached copy.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from lmtune.config.build import build
-from lmtune.config.errors import ConfigError
+from lmtune.config.build import build, is_type_dict
+from lmtune.config.errors import ConfigError, nearest
+from lmtune.dataset import cache
 from lmtune.dataset.encode import ConversationEncoder
-from lmtune.dataset.packing import pack_batch
+from lmtune.dataset.packing import PACKERS
+from lmtune.engine.dist import get_rank, is_distributed
 from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
 
 PACK_GROUP_SIZE = 10_000  # samples packed together; larger groups waste fewer tokens
+OK, EMPTY, NO_TARGET, BAD = 0, 1, 2, 3
 
 
 def _as_function(fn: Any, key: str) -> Callable | None:
@@ -24,10 +33,8 @@ def _as_function(fn: Any, key: str) -> Callable | None:
         from lmtune.dataset.map_fns import DATASET_FORMAT_MAPPING
 
         if fn not in DATASET_FORMAT_MAPPING:
-            from lmtune.config.errors import nearest
-
-            raise ConfigError(f"{key}={fn!r} is not a known dataset format"
-                              f"{nearest(fn, DATASET_FORMAT_MAPPING)}")
+            raise ConfigError(f"{key}={fn!r} is not a known dataset format{nearest(fn, DATASET_FORMAT_MAPPING)} "
+                              "(lmtune list-dataset-format lists them)")
         return DATASET_FORMAT_MAPPING[fn]
     fn = build(fn, key=key)
     if not callable(fn):
@@ -43,6 +50,73 @@ def _train_split(dataset: Any, split: str):
             raise ConfigError(f"the dataset has no split {split!r} (it has {list(dataset)}); set split=...")
         return dataset[split]
     return dataset
+
+
+def describe_source(dataset: Any) -> str:
+    """Where the rows come from, for error messages: the data files, path or dataset name."""
+    if is_type_dict(dataset):
+        for key in ("data_files", "data_dir", "path", "dataset_path"):
+            if dataset.get(key):
+                return f"{dataset[key]}"
+    files = getattr(dataset, "cache_files", None)
+    if files:
+        return files[0].get("filename", "the dataset")
+    return "the dataset"
+
+
+class RowProcessor:
+    """The batched function of the first pass: row -> conversation -> template -> ids and labels.
+
+    Each output row carries a ``status`` (OK, EMPTY: the map function dropped it,
+    NO_TARGET: nothing left to train after truncation, BAD: malformed and
+    skipped) and whether it was truncated, so the pipeline can count and report.
+    """
+
+    def __init__(self, map_fn, template_fn, encoder, source: str, skip_bad_rows: bool) -> None:
+        self.map_fn, self.template_fn, self.encoder = map_fn, template_fn, encoder
+        self.source, self.skip_bad_rows = source, skip_bad_rows
+
+    def _one(self, row: dict, index: int) -> tuple[dict | None, int]:
+        stage = "dataset_map_fn"
+        try:
+            if self.map_fn is not None:
+                row = self.map_fn(row)
+            conversation = row.get("conversation") if isinstance(row, dict) else None
+            if conversation is None:
+                raise ConfigError(f"it produced no 'conversation' (got fields {sorted(row)}); set dataset_map_fn "
+                                  "to the function for your data's format (lmtune check-dataset CONFIG helps)")
+            if not conversation:
+                return None, EMPTY
+            stage = "template_map_fn"
+            if self.template_fn is not None:
+                row = self.template_fn(row)
+            stage = "tokenization"
+            return self.encoder(row), OK
+        except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
+            if self.skip_bad_rows:
+                return None, BAD
+            detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            raise ConfigError(f"{stage} failed on row {index} of {self.source}: {detail} "
+                              "(set skip_bad_rows=True in train_dataset to skip such rows)") from None
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "truncated": []}
+        names = list(batch)
+        for k, index in enumerate(indices):
+            encoded, status = self._one({name: batch[name][k] for name in names}, index)
+            if encoded is None:
+                encoded = {"input_ids": [], "labels": [], "length": 0}
+            elif not any(x != IGNORE_INDEX for x in encoded["labels"][1:]):
+                status = NO_TARGET
+            max_length = self.encoder.max_length
+            truncated = bool(encoded.pop("truncated", False)) or (
+                max_length is not None and encoded.get("full_length", 0) > max_length)
+            out["input_ids"].append(encoded["input_ids"])
+            out["labels"].append(encoded["labels"])
+            out["length"].append(encoded["length"])
+            out["status"].append(status)
+            out["truncated"].append(truncated)
+        return out
 
 
 def process_hf_dataset(
@@ -63,81 +137,153 @@ def process_hf_dataset(
     do_dataset_tokenization: bool = True,
     map_num_proc: int | None = None,
     seed: int = 0,
+    pack_strategy: str = "best_fit",
+    skip_bad_rows: bool = False,
+    use_cache: bool = True,
+    dataset_wait_timeout: float = 3600,
 ):
     """Build the training dataset of tokenized (and, by default, packed) rows.
 
-    ``dataset`` is a ``datasets`` Dataset/DatasetDict or a config dict such as
-    ``dict(type=load_dataset, path=...)``. ``dataset_map_fn`` turns a row into
-    the conversation format; ``template_map_fn`` applies the prompt template.
-    Rows come out with ``input_ids``, ``labels`` (``-100`` where not trained)
-    and, when packed, ``num_tokens`` (the lengths of the samples in the row).
-    ``use_varlen_attn`` needs no different data: packed samples never attend to
-    each other in lmtune; it selects variable-length attention kernels (see the
-    model and collate function).
-    """
-    dataset = _train_split(build(dataset, key="train_dataset.dataset"), split)
-    if max_dataset_length is not None and len(dataset) > max_dataset_length:
-        dataset = dataset.shuffle(seed=seed).select(range(max_dataset_length))
-    for old, new in rename_maps or []:
-        dataset = dataset.rename_column(old, new)
+    ``dataset``: a ``datasets`` Dataset/DatasetDict or a config dict such as
+    ``dict(type=load_dataset, path=...)`` (or ``dict(type=load_from_disk, ...)``
+    with ``do_dataset_tokenization=False`` for rows that already hold
+    ``input_ids`` and ``labels``). ``dataset_map_fn`` turns a row into the
+    conversation format (a function or a format name); ``template_map_fn``
+    applies the prompt template. Rows come out with ``input_ids``, ``labels``
+    (``-100`` where not trained) and, when packed, ``num_tokens`` (the lengths
+    of the samples in the row).
 
+    ``pack_strategy``: 'best_fit' (whole samples, best-fit decreasing, the
+    default) or 'concat' (XTuner's concatenate-and-cut; fills rows, splits
+    samples). Either way samples never attend to each other. ``use_varlen_attn``
+    needs no different data (see the model and collate function).
+    ``skip_bad_rows`` skips and counts malformed rows instead of stopping.
+    ``use_cache`` keeps the result on disk, keyed by everything that changes it.
+    ``remove_unused_columns``, ``input_ids_with_output`` and ``with_output`` are
+    accepted for XTuner configs; lmtune always keeps only the model's columns.
+    """
+    if pack_to_max_length and pack_strategy not in PACKERS:
+        raise ConfigError(f"pack_strategy={pack_strategy!r} is not one of {sorted(PACKERS)}")
+    if pack_to_max_length and max_length is None:
+        raise ConfigError("pack_to_max_length=True needs max_length")
+    source = describe_source(dataset)
+    tok = None
     if do_dataset_tokenization:
         if tokenizer is None:
             raise ConfigError("train_dataset needs a tokenizer to tokenize the data")
         if max_length is None:
             raise ConfigError("train_dataset needs max_length")
-        tokenizer = build(tokenizer, key="tokenizer")
-        map_fn = _as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
-        tmpl_fn = _as_function(template_map_fn, "train_dataset.template_map_fn")
-        original_columns = list(dataset.column_names)
-        if map_fn is not None:
-            dataset = _map_rows(dataset, map_fn, "dataset_map_fn")
-        if tmpl_fn is not None:
-            dataset = _map_rows(dataset, tmpl_fn, "template_map_fn")
-        if "conversation" not in dataset.column_names:
-            raise ConfigError("rows have no 'conversation' after the map functions: set dataset_map_fn "
-                              f"to the function for your data's format (row fields: {original_columns})")
-        dataset = dataset.filter(lambda row: len(row["conversation"]) > 0, desc="Dropping empty rows")
-        drop = [c for c in dataset.column_names if c != "conversation"] if remove_unused_columns else []
-        encoder = ConversationEncoder(tokenizer, max_length)
-        dataset = dataset.map(encoder, remove_columns=drop + ["conversation"], num_proc=map_num_proc,
+        tok = build(tokenizer, key="tokenizer")
+    map_fn = _as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
+    template_fn = _as_function(template_map_fn, "train_dataset.template_map_fn")
+
+    key = None
+    if use_cache and (is_type_dict(dataset) or getattr(dataset, "cache_files", None)):
+        key = cache.cache_key(
+            dataset=dataset, split=split, tokenizer=cache.tokenizer_signature(tok) if tok is not None else None,
+            map_fn=map_fn, template_fn=template_fn, max_length=max_length, max_dataset_length=max_dataset_length,
+            rename_maps=rename_maps, shuffle_before_pack=shuffle_before_pack, pack=pack_to_max_length,
+            pack_strategy=pack_strategy, tokenize=do_dataset_tokenization, skip_bad_rows=skip_bad_rows, seed=seed)
+        found = cache.load(key)
+        if found is None and is_distributed() and get_rank() != 0:
+            found = cache.wait_for(key, dataset_wait_timeout)
+        if found is not None:
+            data, stats = found
+            logger.info(f"Loaded the processed dataset from cache ({cache.cache_root() / key})")
+            _log_stats(source, stats)
+            return data
+
+    data, stats = _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_dataset_length,
+                           rename_maps, shuffle_before_pack, pack_to_max_length, pack_strategy,
+                           do_dataset_tokenization, map_num_proc, seed, skip_bad_rows)
+    _log_stats(source, stats)
+    if key is not None and get_rank() == 0:
+        cache.save(key, data, stats)
+        found = cache.load(key)  # memory-map the saved copy instead of holding the result
+        if found is not None:
+            data = found[0]
+    return data
+
+
+def _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_dataset_length, rename_maps,
+             shuffle_before_pack, pack_to_max_length, pack_strategy, tokenize, map_num_proc, seed, skip_bad_rows):
+    dataset = _train_split(build(dataset, key="train_dataset.dataset"), split)
+    stats: dict[str, Any] = {"rows": len(dataset)}
+    if max_dataset_length is not None and len(dataset) > max_dataset_length:
+        dataset = dataset.shuffle(seed=seed).select(range(max_dataset_length))
+        stats["subsampled_to"] = max_dataset_length
+    for old, new in rename_maps or []:
+        dataset = dataset.rename_column(old, new)
+
+    if tokenize:
+        encoder = ConversationEncoder(tok, max_length)
+        processor = RowProcessor(map_fn, template_fn, encoder, source, skip_bad_rows)
+        dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True,
+                              remove_columns=dataset.column_names, num_proc=map_num_proc,
                               desc="Tokenizing")
-        dataset = dataset.filter(lambda row: any(x != IGNORE_INDEX for x in row["labels"][1:]),
-                                 desc="Dropping rows without trained tokens")
+        status, truncated = _column(dataset, "status"), _column(dataset, "truncated")
+        stats.update(empty=int((status == EMPTY).sum()), bad=int((status == BAD).sum()),
+                     no_target=int((status == NO_TARGET).sum()), truncated=int(truncated.sum()))
+        if stats["rows"] and not (status == OK).any():
+            raise ConfigError(_empty_reason(stats, source, max_length))
+        dataset = dataset.filter(lambda s: [x == OK for x in s], input_columns="status", batched=True,
+                                 num_proc=map_num_proc, desc="Dropping rows without trained tokens")
+        dataset = dataset.remove_columns(["status", "truncated"])
     else:
         missing = {"input_ids", "labels"} - set(dataset.column_names)
         if missing:
-            raise ConfigError(f"do_dataset_tokenization=False needs tokenized rows; missing {sorted(missing)}")
+            raise ConfigError(f"do_dataset_tokenization=False needs tokenized rows; {source} lacks {sorted(missing)}")
+        keep = [c for c in dataset.column_names if c in ("input_ids", "labels")]
+        dataset = dataset.select_columns(keep)
         if max_length is not None:
             dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length],
-                                               "labels": row["labels"][:max_length]})
-        if "length" not in dataset.column_names:
-            dataset = dataset.map(lambda row: {"length": len(row["input_ids"])})
-
+                                               "labels": row["labels"][:max_length]}, num_proc=map_num_proc)
+        dataset = dataset.map(lambda row: {"length": len(row["input_ids"])}, num_proc=map_num_proc)
+    stats["samples"] = len(dataset)
     if len(dataset) == 0:
-        raise ConfigError("the training dataset is empty after processing: check data_path, the "
-                          "dataset_map_fn and max_length")
+        raise ConfigError(_empty_reason(stats, source, max_length))
+
     if pack_to_max_length:
-        if max_length is None:
-            raise ConfigError("pack_to_max_length=True needs max_length")
         if shuffle_before_pack:
             dataset = dataset.shuffle(seed=seed)
         keep = ["input_ids", "labels", "length"]
-        dataset = dataset.select_columns(keep)
-        dataset = dataset.map(pack_batch, batched=True, batch_size=PACK_GROUP_SIZE,
-                              fn_kwargs={"max_length": max_length}, remove_columns=keep,
-                              desc=f"Packing to {max_length} tokens")
-    return dataset
+        dataset = dataset.select_columns(keep).map(
+            PACKERS[pack_strategy], batched=True, batch_size=PACK_GROUP_SIZE, fn_kwargs={"max_length": max_length},
+            remove_columns=keep, desc=f"Packing to {max_length} tokens ({pack_strategy})")
+        lengths = _column(dataset, "length")
+        stats.update(packed_rows=len(dataset), fill_rate=float(lengths.sum()) / max(len(dataset) * max_length, 1))
+    return dataset, stats
 
 
-def _map_rows(dataset, fn: Callable, what: str):
-    """``dataset.map(fn)`` with the failing row named in the error."""
-    def guarded(row, index):
-        try:
-            return fn(row)
-        except ConfigError as exc:
-            raise ConfigError(f"{what} failed on row {index}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - reported with the row
-            raise ConfigError(f"{what} failed on row {index}: {type(exc).__name__}: {exc}") from exc
+def _column(dataset, name: str):
+    """A column as a numpy array, read from Arrow without converting rows to Python."""
+    import numpy as np
 
-    return dataset.map(guarded, with_indices=True, desc=f"Applying {what}")
+    return np.asarray(dataset.flatten_indices().data.column(name).to_numpy(zero_copy_only=False))
+
+
+def _empty_reason(stats: dict, source: str, max_length: int | None) -> str:
+    if stats.get("rows", 0) == 0:
+        return f"{source} has no rows"
+    if stats.get("bad"):
+        return f"every row of {source} was malformed and skipped ({stats['bad']} rows)"
+    if stats.get("empty", 0) and not stats.get("no_target"):
+        return (f"the dataset_map_fn dropped every row of {source} ({stats['empty']} rows): is it the right "
+                "format for this data?")
+    return (f"no row of {source} has a trained token left after truncation to max_length={max_length} "
+            f"({stats.get('no_target', 0)} rows had none): raise max_length or check the template")
+
+
+def _log_stats(source: str, stats: dict) -> None:
+    parts = [f"{stats.get('rows', 0)} rows"]
+    if stats.get("subsampled_to") is not None:
+        parts.append(f"sub-sampled to {stats['subsampled_to']}")
+    for key, text in (("empty", "dropped by the map function"), ("bad", "malformed and skipped"),
+                      ("truncated", "longer than max_length (truncated)"),
+                      ("no_target", "dropped: nothing to train after truncation")):
+        if stats.get(key):
+            parts.append(f"{stats[key]} {text}")
+    parts.append(f"{stats.get('samples', 0)} samples")
+    if "packed_rows" in stats:
+        parts.append(f"packed into {stats['packed_rows']} rows (fill rate {100 * stats['fill_rate']:.1f}%)")
+    logger.info(f"Dataset {source}: " + ", ".join(parts))

@@ -49,3 +49,42 @@ def pack_batch(batch: dict, max_length: int) -> dict:
         out["num_tokens"].append([lengths[i] for i in members])
         out["length"].append(len(ids))
     return out
+
+
+def concat_cut_batch(batch: dict, max_length: int) -> dict:
+    """XTuner's packing: concatenate samples in order and cut every ``max_length`` tokens.
+
+    Fills rows completely but splits samples across rows. Each piece is its own
+    segment (positions restart, it attends only to itself), and a piece's first
+    label is ignored like every segment start. The tail shorter than
+    ``max_length`` is kept as a last, shorter row.
+    """
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "length": []}
+    ids: list[int] = []
+    labels: list[int] = []
+    segments: list[int] = []
+
+    def flush() -> None:
+        out["input_ids"].append(ids[:])
+        out["labels"].append(labels[:])
+        out["num_tokens"].append(segments[:])
+        out["length"].append(len(ids))
+        ids.clear(), labels.clear(), segments.clear()
+
+    for sample_ids, sample_labels in zip(batch["input_ids"], batch["labels"]):
+        start = 0
+        while start < len(sample_ids):
+            take = min(len(sample_ids) - start, max_length - len(ids))
+            piece = list(sample_labels[start:start + take])
+            ids.extend(sample_ids[start:start + take])
+            labels.extend([IGNORE_INDEX] + piece[1:])
+            segments.append(take)
+            start += take
+            if len(ids) == max_length:
+                flush()
+    if ids:
+        flush()
+    return out
+
+
+PACKERS = {"best_fit": pack_batch, "concat": concat_cut_batch}

@@ -3,11 +3,14 @@
 ``PROMPT_TEMPLATE`` maps a template name to a :class:`ConfigDict` with these fields:
 
 ``SYSTEM``
-    Format string with ``{system}``. Rendered once, before the first round's
-    instruction, and only when the sample has a system message.
+    Format string with ``{system}``. Rendered in a round whose conversation turn carries
+    a system message (map functions put it on the first round), and only there.
 ``INSTRUCTION``
     Format string with ``{input}`` (and optionally ``{round}``, 1-based). It wraps
-    each user turn and ends with the header that opens the assistant's turn.
+    each user turn and ends with the header that opens the assistant's turn. When it
+    also has ``{system}``, the rendered ``SYSTEM`` goes there (empty in rounds without
+    a system message) instead of before it: for formats that put the system text
+    inside the first user message (Llama 2, Mistral, Gemma).
 ``SUFFIX`` (optional)
     Text written right after each assistant output; it is trained.
 ``SUFFIX_AS_EOS`` (optional, default False)
@@ -36,8 +39,11 @@ with these general exceptions (and the ones noted next to an entry):
   that space is left out: the tokenizer adds it by itself when the answer is
   encoded on its own, and the model's generation prompt ends before it.
 * A few formats cannot be expressed with fixed strings (the system text merged
-  into the first or last user message, a date header, per-round BOS); each such
-  entry says what is rendered instead.
+  into the *last* user message, a date header, per-round BOS); each such entry says
+  what is rendered instead.
+
+``prompt_template=None`` (or ``'auto'``) renders with the tokenizer's own chat template
+instead, exactly (see ``lmtune.dataset.chat_template``).
 """
 
 from __future__ import annotations
@@ -79,13 +85,12 @@ def _llama3(system: str) -> dict[str, Any]:
 
 
 def _gemma() -> dict[str, Any]:
-    """Gemma's turn layout. Gemma has no system role: Gemma 1/2 templates reject a
-    system message and Gemma 3 prepends it (plus a blank line) to the first user
-    message. A fixed string cannot do that, so the system text is given its own
-    user turn before the first one."""
+    """Gemma's turn layout. Gemma has no system role: Gemma 3's template prepends the
+    system text (plus a blank line) to the first user message, as here; Gemma 1/2
+    templates reject a system message, and the same placement is used for them."""
     return dict(
-        SYSTEM="<start_of_turn>user\n{system}<end_of_turn>\n",
-        INSTRUCTION="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+        SYSTEM="{system}\n\n",
+        INSTRUCTION="<start_of_turn>user\n{system}{input}<end_of_turn>\n<start_of_turn>model\n",
         SUFFIX="<end_of_turn>",
         SUFFIX_AS_EOS=True,
         SEP="\n",
@@ -93,13 +98,12 @@ def _gemma() -> dict[str, Any]:
     )
 
 
-# Llama 2 chat and Code Llama Instruct. The Hugging Face template puts the <<SYS>>
-# block inside the first [INST]; here it comes just before it. There every round
-# starts with <s>: rounds after the first get it only if the encoder adds BOS after
-# each EOS. Meta's ' ' before each </s> is not rendered.
+# Llama 2 chat and Code Llama Instruct: the <<SYS>> block inside the first [INST], as in
+# the Hugging Face template. There every round starts with <s>; here only the first
+# does (the encoder adds BOS once). Meta's ' ' before each </s> is not rendered.
 _LLAMA2 = dict(
     SYSTEM="<<SYS>>\n{system}\n<</SYS>>\n\n",
-    INSTRUCTION="[INST] {input} [/INST]",
+    INSTRUCTION="[INST] {system}{input} [/INST]",
     STOP_WORDS=["</s>"],
 )
 
@@ -217,19 +221,19 @@ PROMPT_TEMPLATE = ConfigDict(
     deepseek_moe=_DEEPSEEK_CHAT,
     # DeepSeek-V2 / V2-Lite chat (DeepSeek LLM chat format; V2.5 uses deepseek_v3).
     deepseek_v2=_DEEPSEEK_CHAT,
-    # Mistral 7B Instruct v0.1/v0.2 (SentencePiece "v1" tokenizer). The text equals
-    # Mistral's reference encoding; the HF template's extra spaces after <s>, </s>
-    # and [/INST] are the tokenizer's own prefix. HF puts the system text inside the
-    # first [INST]; here it comes just before it.
+    # Mistral 7B Instruct v0.1/v0.2 (SentencePiece "v1" tokenizer). The token ids equal
+    # Mistral's reference encoding (mistral_common), system text in the first [INST]
+    # included; the HF template's extra spaces after <s>, </s> and [/INST] are the
+    # tokenizer's own prefix.
     mistral=dict(
         SYSTEM="{system}\n\n",
-        INSTRUCTION="[INST] {input} [/INST]",
+        INSTRUCTION="[INST] {system}{input} [/INST]",
         STOP_WORDS=["</s>"],
     ),
     # Mixtral 8x7B Instruct: the Mistral v1 format (see mistral).
     mixtral=dict(
         SYSTEM="{system}\n\n",
-        INSTRUCTION="[INST] {input} [/INST]",
+        INSTRUCTION="[INST] {system}{input} [/INST]",
         STOP_WORDS=["</s>"],
     ),
     # MiniCPM 1/2 (<用户>/<AI> markers). Its HF template puts nothing after an
@@ -324,12 +328,13 @@ PROMPT_TEMPLATE = ConfigDict(
     # InternLM3 instruct: ChatML with <s> as BOS.
     internlm3_chat=_chatml(["<|im_end|>"]),
     # Mistral v0.3 and later [INST] models (v3 tokenizer: Mistral-7B-Instruct-v0.3,
-    # Mixtral-8x22B-Instruct, Codestral). Their HF template writes the system text
-    # into the last user message and a space before each answer; here the system
-    # text comes before the first [INST] and the space is the tokenizer's own.
+    # Mixtral-8x22B-Instruct, Codestral). Mistral writes the system text into the *last*
+    # user message; here it goes into the first (the same for one round; for several,
+    # use prompt_template=None to get Mistral's placement). The space Mistral's HF
+    # template writes before each answer is the tokenizer's own prefix.
     mistral_v3=dict(
         SYSTEM="{system}\n\n",
-        INSTRUCTION="[INST] {input}[/INST]",
+        INSTRUCTION="[INST] {system}{input}[/INST]",
         STOP_WORDS=["</s>"],
     ),
     # Plain ChatML, for any model trained on it.
@@ -402,4 +407,5 @@ def get_template(name_or_dict: str | Mapping[str, Any]) -> ConfigDict:
     except KeyError:
         close = difflib.get_close_matches(name_or_dict, list(PROMPT_TEMPLATE), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown prompt template {name_or_dict!r}{hint}") from None
+        raise KeyError(f"unknown prompt template {name_or_dict!r}{hint} (None or 'auto' use the "
+                       f"tokenizer's own chat template)") from None

@@ -1,105 +1,152 @@
 """Map functions: one source format in, lmtune's conversation format out.
 
 The conversation format is ``{'conversation': [{'system': str, 'input': str,
-'output': str}, ...]}``: one dict per round. A map function returns an empty
-conversation for a row that must be dropped.
+'output': str}, ...]}``: one dict per round. A round may also carry
+``output_with_loss: False`` (the output is context, not trained) and
+``need_eos_token: False`` (no EOS after the output). A map function returns an
+empty conversation for a row that must be dropped, and raises
+:class:`~lmtune.config.ConfigError` naming the field when a row lacks one it needs.
+
+The single-turn formats are here; the multi-turn ones live in
+:mod:`.conversation_map_fns` and :mod:`.msagent_map_fn` and are importable from
+this module too, as in XTuner's ``xtuner.dataset.map_fns.dataset_map_fns``.
 """
 
 from __future__ import annotations
 
-import re
-
-from lmtune.config.errors import ConfigError
+from lmtune.dataset.map_fns._common import _optional_text, _text
+from lmtune.dataset.map_fns.conversation_map_fns import (
+    oasst1_map_fn,
+    openai_map_fn,
+    sharegpt_map_fn,
+    wizardlm_map_fn,
+)
+from lmtune.dataset.map_fns.msagent_map_fn import msagent_react_map_fn
 from lmtune.utils.templates import SYSTEM_TEMPLATE
 
+__all__ = [
+    "alpaca_map_fn", "alpaca_zh_map_fn", "arxiv_map_fn", "code_alpaca_map_fn", "colors_map_fn",
+    "crime_kg_assitant_map_fn", "default_map_fn", "law_reference_map_fn", "medical_map_fn",
+    "msagent_react_map_fn", "oasst1_map_fn", "openai_map_fn", "openorca_map_fn", "pretrain_map_fn",
+    "sharegpt_map_fn", "sql_map_fn", "stack_exchange_map_fn", "tiny_codes_map_fn", "wizardlm_map_fn",
+]
 
-def _require(example: dict, key: str, fmt: str):
-    # A row of a file that lacks a field comes out of Arrow with that field set to None.
-    if example.get(key) is None:
-        raise ConfigError(
-            f"a row has no {key!r} field, which {fmt} needs (row fields: {sorted(example)}); "
-            "choose the dataset_map_fn that matches your data's format"
-        )
-    return example[key]
+
+def _single(output: str, text: str, system: str = "") -> dict:
+    """A one-round conversation; ``system`` only when there is one."""
+    turn = {"input": text, "output": output}
+    if system:
+        turn["system"] = system
+    return {"conversation": [turn]}
+
+
+def _instruction_with_input(instruction: str, extra: str) -> str:
+    """An instruction and its optional input, one line apart; a blank input adds nothing."""
+    extra = extra.strip()
+    return f"{instruction}\n{extra}" if extra else instruction
 
 
 def alpaca_map_fn(example: dict) -> dict:
     """Alpaca: ``instruction`` (+ optional ``input``) -> ``output``; ``<nooutput>`` rows dropped."""
-    output = _require(example, "output", "alpaca_map_fn")
+    output = _text(example, "output", "alpaca_map_fn")
     if output.strip() == "<nooutput>":
         return {"conversation": []}
-    instruction = _require(example, "instruction", "alpaca_map_fn")
-    extra = (example.get("input") or "").strip()
-    text = f"{instruction}\n{extra}" if extra else instruction
-    return {"conversation": [{"system": SYSTEM_TEMPLATE.alpaca, "input": text, "output": output}]}
+    text = _instruction_with_input(_text(example, "instruction", "alpaca_map_fn"),
+                                   _optional_text(example, "input", "alpaca_map_fn"))
+    return _single(output, text, SYSTEM_TEMPLATE.alpaca)
 
 
 def alpaca_zh_map_fn(example: dict) -> dict:
-    """Chinese alpaca (``instruction_zh``/``input_zh``/``output_zh``), same rules as alpaca."""
-    mapped = {"instruction": _require(example, "instruction_zh", "alpaca_zh_map_fn"),
-              "input": example.get("input_zh", ""),
-              "output": _require(example, "output_zh", "alpaca_zh_map_fn")}
-    return alpaca_map_fn(mapped)
+    """Chinese alpaca: ``instruction_zh`` (+ optional ``input_zh``) -> ``output_zh``, no system prompt.
 
-
-_OASST1_TURN = re.compile(r"###\s*(Human|Assistant):")
-
-
-def oasst1_map_fn(example: dict) -> dict:
-    """openassistant-guanaco text: ``### Human: ...### Assistant: ...``, multi-turn.
-
-    A trailing human turn without an answer is dropped.
+    As in XTuner, no system prompt is added; ``<nooutput>`` rows are dropped as in alpaca.
     """
-    text = _require(example, "text", "oasst1_map_fn")
-    pieces = _OASST1_TURN.split(text)
-    turns = [(pieces[i], pieces[i + 1].strip()) for i in range(1, len(pieces) - 1, 2)]
-    conversation = []
-    pending = None
-    for role, content in turns:
-        if role == "Human":
-            pending = content if pending is None else f"{pending}\n{content}"
-        elif pending is not None:
-            conversation.append({"input": pending, "output": content})
-            pending = None
-    return {"conversation": conversation}
+    output = _text(example, "output_zh", "alpaca_zh_map_fn")
+    if output.strip() == "<nooutput>":
+        return {"conversation": []}
+    text = _instruction_with_input(_text(example, "instruction_zh", "alpaca_zh_map_fn"),
+                                   _optional_text(example, "input_zh", "alpaca_zh_map_fn"))
+    return _single(output, text)
 
 
-def openai_map_fn(example: dict) -> dict:
-    """OpenAI ``messages``: system/user/assistant, multi-turn.
+def medical_map_fn(example: dict) -> dict:
+    """shibing624/medical fine-tuning rows: ``instruction`` (+ optional ``input``) -> ``output``."""
+    text = _instruction_with_input(_text(example, "instruction", "medical_map_fn"),
+                                   _optional_text(example, "input", "medical_map_fn"))
+    return _single(_text(example, "output", "medical_map_fn"), text, SYSTEM_TEMPLATE.medical)
 
-    An assistant message may carry ``loss: false`` to keep it out of the loss.
+
+def code_alpaca_map_fn(example: dict) -> dict:
+    """CodeAlpaca-20K (HuggingFaceH4): ``prompt`` -> ``completion``, under the coder system prompt."""
+    return _single(_text(example, "completion", "code_alpaca_map_fn"),
+                   _text(example, "prompt", "code_alpaca_map_fn"), SYSTEM_TEMPLATE.coder)
+
+
+def tiny_codes_map_fn(example: dict) -> dict:
+    """nampdn-ai/tiny-codes: ``prompt`` -> ``response``, under the coder system prompt."""
+    return _single(_text(example, "response", "tiny_codes_map_fn"),
+                   _text(example, "prompt", "tiny_codes_map_fn"), SYSTEM_TEMPLATE.coder)
+
+
+def sql_map_fn(example: dict) -> dict:
+    """b-mc2/sql-create-context: ``context`` (CREATE TABLE statements) and ``question`` -> ``answer``."""
+    text = f"{_text(example, 'context', 'sql_map_fn')}\n{_text(example, 'question', 'sql_map_fn')}"
+    return _single(_text(example, "answer", "sql_map_fn"), text, SYSTEM_TEMPLATE.sql)
+
+
+def stack_exchange_map_fn(example: dict) -> dict:
+    """ArmelR/stack-exchange-instruction: ``question`` -> ``response``, no system prompt."""
+    return _single(_text(example, "response", "stack_exchange_map_fn"),
+                   _text(example, "question", "stack_exchange_map_fn"))
+
+
+def openorca_map_fn(example: dict) -> dict:
+    """Open-Orca/OpenOrca: ``system_prompt`` (may be empty) and ``question`` -> ``response``."""
+    return _single(_text(example, "response", "openorca_map_fn"),
+                   _text(example, "question", "openorca_map_fn"),
+                   _optional_text(example, "system_prompt", "openorca_map_fn"))
+
+
+def arxiv_map_fn(example: dict) -> dict:
+    """arXiv metadata: ``abstract`` -> ``title`` (title generation).
+
+    arXiv hard-wraps titles; the title's line breaks and runs of spaces become single spaces.
     """
-    messages = _require(example, "messages", "openai_map_fn")
-    conversation = []
-    system, pending = "", None
-    for message in messages:
-        role, content = message.get("role"), message.get("content") or ""
-        if role == "system":
-            system = content
-        elif role == "user":
-            pending = content if pending is None else f"{pending}\n{content}"
-        elif role == "assistant" and pending is not None:
-            turn = {"input": pending, "output": content}
-            if system:
-                turn["system"] = system
-                system = ""
-            if message.get("loss") is False:
-                turn["output_with_loss"] = False
-            conversation.append(turn)
-            pending = None
-    return {"conversation": conversation}
+    title = " ".join(_text(example, "title", "arxiv_map_fn").split())
+    return _single(title, _text(example, "abstract", "arxiv_map_fn").strip(), SYSTEM_TEMPLATE.arxiv_gentile)
+
+
+def colors_map_fn(example: dict) -> dict:
+    """burkelibbey/colors: ``description`` (``"<colour name>: <description>"``) -> ``color`` (hex).
+
+    The colour's name before the first colon is left out of the input, so the model learns the
+    colour from the description alone; a description without a colon is used whole.
+    """
+    description = _text(example, "description", "colors_map_fn")
+    _, colon, rest = description.partition(":")
+    return _single(_text(example, "color", "colors_map_fn"), (rest if colon else description).strip(),
+                   SYSTEM_TEMPLATE.colorist)
+
+
+def law_reference_map_fn(example: dict) -> dict:
+    """Legal Q&A with references (law_reference_data): ``question`` -> ``answer``, lawyer system prompt."""
+    return _single(_text(example, "answer", "law_reference_map_fn"),
+                   _text(example, "question", "law_reference_map_fn"), SYSTEM_TEMPLATE.lawyer)
+
+
+def crime_kg_assitant_map_fn(example: dict) -> dict:
+    """CrimeKgAssitant Q&A (XTuner's spelling): ``input`` -> ``output``, lawyer system prompt."""
+    return _single(_text(example, "output", "crime_kg_assitant_map_fn"),
+                   _text(example, "input", "crime_kg_assitant_map_fn"), SYSTEM_TEMPLATE.lawyer)
 
 
 def default_map_fn(example: dict) -> dict:
     """Rows already of the form ``{'input': ..., 'output': ...}`` (``system`` optional)."""
-    turn = {"input": _require(example, "input", "default_map_fn"),
-            "output": _require(example, "output", "default_map_fn")}
-    if example.get("system"):
-        turn["system"] = example["system"]
-    return {"conversation": [turn]}
+    return _single(_text(example, "output", "default_map_fn"), _text(example, "input", "default_map_fn"),
+                   _optional_text(example, "system", "default_map_fn"))
 
 
 def pretrain_map_fn(example: dict) -> dict:
-    """Plain text for continued pre-training: every token is trained, no template, no EOS per turn."""
-    return {"conversation": [{"input": "", "output": _require(example, "text", "pretrain_map_fn").strip(),
+    """Plain ``text`` for continued pre-training: every token is trained, no template, no EOS per turn."""
+    return {"conversation": [{"input": "", "output": _text(example, "text", "pretrain_map_fn").strip(),
                               "need_eos_token": False}]}

@@ -8,6 +8,12 @@ from typing import Any
 import torch
 
 from lmtune.config.build import build
+from lmtune.dataset.chat_template import (
+    chat_prompt_text,
+    chat_template_end_ids,
+    has_chat_template,
+    uses_chat_template,
+)
 from lmtune.dataset.encode import encode_prompt
 from lmtune.dataset.map_fns.template_map_fn import template_map_fn
 from lmtune.engine.dist import is_main_process
@@ -63,6 +69,10 @@ class EvaluateChatHook(Hook):
     Runs before training, every ``every_n_iters`` iterations and after training;
     greedy decoding up to ``max_new_tokens`` or a stop word. Answers are logged
     and appended to ``<log_dir>/eval_chat.jsonl``.
+
+    ``prompt_template`` None or ``'auto'`` (as in training) uses the tokenizer's own
+    chat template (``apply_chat_template(add_generation_prompt=True)``) and stops on
+    its end-of-turn marker; a tokenizer without a chat template gets the bare input.
     """
 
     priority = "LOW"
@@ -74,7 +84,10 @@ class EvaluateChatHook(Hook):
         self.tokenizer = tokenizer
         self.inputs = [evaluation_inputs] if isinstance(evaluation_inputs, str) else list(evaluation_inputs)
         self.system = system or ""
-        self.template = get_template(prompt_template) if prompt_template is not None else None
+        self.use_chat_template = uses_chat_template(prompt_template)
+        self.template = None if self.use_chat_template else get_template(prompt_template)
+        if every_n_iters is not None and (isinstance(every_n_iters, bool) or not isinstance(every_n_iters, int)):
+            raise ValueError(f"every_n_iters (evaluation_freq) must be an integer, got {every_n_iters!r}")
         self.every_n_iters_ = every_n_iters
         self.max_new_tokens = max_new_tokens
         stops = list(stop_words or [])
@@ -86,10 +99,21 @@ class EvaluateChatHook(Hook):
         self.generation_kwargs = dict(generation_kwargs or {})
 
     def _prompt(self, text: str) -> str:
+        """The prompt text for one evaluation input."""
         if self.template is None:
+            tokenizer = self.tokenizer = build(self.tokenizer, key="EvaluateChatHook.tokenizer")
+            if has_chat_template(tokenizer):
+                return chat_prompt_text(tokenizer, text, self.system)
             return text
         turn = {"system": self.system, "input": text, "output": ""}
         return template_map_fn({"conversation": [turn]}, self.template)["conversation"][0]["input"]
+
+    def _prompt_ids(self, tokenizer, text: str) -> list[int]:
+        """Token ids of the prompt, tokenized as in training."""
+        if self.template is None and has_chat_template(tokenizer):
+            # as apply_chat_template(tokenize=True): the template writes any BOS itself
+            return tokenizer.encode(self._prompt(text), add_special_tokens=False)
+        return encode_prompt(tokenizer, self._prompt(text))
 
     @torch.no_grad()
     def generate(self, runner) -> list[str]:
@@ -102,20 +126,26 @@ class EvaluateChatHook(Hook):
         eos = [t for t in [tokenizer.eos_token_id] if t is not None]
         eos += [i for w in self.stop_words
                 if (i := tokenizer.convert_tokens_to_ids(w)) is not None and i != tokenizer.unk_token_id]
+        stop_words = list(self.stop_words)
+        trim_words = stop_words + [tokenizer.eos_token or ""]
+        if self.template is None and has_chat_template(tokenizer):
+            markers = chat_template_end_ids(tokenizer)  # the template's end-of-turn marker
+            eos += markers
+            trim_words += tokenizer.convert_ids_to_tokens(markers)
         try:
             for text in self.inputs:
-                ids = torch.tensor([encode_prompt(tokenizer, self._prompt(text))], device=device)
+                ids = torch.tensor([self._prompt_ids(tokenizer, text)], device=device)
                 kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
                               eos_token_id=sorted(set(eos)) or None,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                               else (eos[0] if eos else 0))
-                if self.stop_words:
-                    kwargs.update(stop_strings=self.stop_words, tokenizer=tokenizer)
+                if stop_words:
+                    kwargs.update(stop_strings=stop_words, tokenizer=tokenizer)
                 kwargs.update(self.generation_kwargs)
                 with runner.optim_wrapper.optim_context():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
                 answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
-                for word in self.stop_words + [tokenizer.eos_token or ""]:
+                for word in trim_words:
                     if word and word in answer:
                         answer = answer.split(word)[0]
                 answers.append(answer)

@@ -1,0 +1,155 @@
+"""``lmtune check-dataset``, ``log-dataset`` and ``list-dataset-format``."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any, TextIO
+
+from lmtune.config import Config, ConfigError, build, is_type_dict
+from lmtune.config.build import resolve_callable
+from lmtune.dataset.huggingface import _as_function, _train_split, process_hf_dataset
+from lmtune.engine.hooks.chat import DatasetInfoHook
+
+
+def dataset_configs(cfg: Config) -> list[dict]:
+    """The ``process_hf_dataset`` dicts of a config (several when it uses ConcatDataset)."""
+    dataset = (cfg.get("train_dataloader") or {}).get("dataset") or cfg.get("train_dataset")
+    if dataset is None:
+        raise ConfigError("the config has no train_dataloader.dataset")
+    if is_type_dict(dataset) and "datasets" in dataset:
+        return [dict(d) for d in dataset["datasets"]]
+    if not is_type_dict(dataset):
+        raise ConfigError("train_dataloader.dataset is not a dict(type=...) config")
+    return [dict(dataset)]
+
+
+def list_dataset_formats(out: TextIO) -> None:
+    from lmtune.dataset.map_fns import DATASET_FORMAT_MAPPING
+
+    width = max(len(name) for name in DATASET_FORMAT_MAPPING)
+    for name, fn in DATASET_FORMAT_MAPPING.items():
+        doc = (inspect.getdoc(fn) or "").splitlines()
+        out.write(f"{name:<{width}}  {fn.__name__:<26} {doc[0] if doc else ''}\n")
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _fitting_formats(rows: list[dict]) -> list[str]:
+    from lmtune.dataset.map_fns import DATASET_FORMAT_MAPPING
+
+    fits = []
+    for name, fn in DATASET_FORMAT_MAPPING.items():
+        try:
+            if all(fn(dict(row)).get("conversation") is not None for row in rows) and any(
+                    fn(dict(row))["conversation"] for row in rows):
+                fits.append(name)
+        except Exception:  # noqa: BLE001 - a format that does not fit raises; that is the answer
+            continue
+    return fits
+
+
+def check_dataset(cfg: Config, out: TextIO, rows_to_show: int = 2, max_problems: int = 20) -> int:
+    """Print what each stage makes of the first rows and every malformed row; return the problem count."""
+    from lmtune.dataset.encode import ConversationEncoder
+
+    problems = 0
+    for n, ds_cfg in enumerate(dataset_configs(cfg)):
+        fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
+        if fn is not process_hf_dataset:
+            out.write(f"[dataset {n}] {getattr(fn, '__name__', fn)} is not process_hf_dataset; skipped\n")
+            continue
+        raw = _train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
+        out.write(f"== dataset {n}: {len(raw)} rows, fields {raw.column_names}\n")
+        sample = [raw[i] for i in range(min(len(raw), 20))]
+        fits = _fitting_formats(sample)
+        map_fn = _as_function(ds_cfg.get("dataset_map_fn"), "dataset_map_fn")
+        name = getattr(map_fn, "__name__", None)
+        out.write(f"formats that fit the first rows: {', '.join(fits) or 'none (write a map function)'}\n")
+        if map_fn is None:
+            ready = "conversation" in raw.column_names
+            out.write("dataset_map_fn: none configured" + (" (rows are already conversations)\n" if ready else
+                      "; one is needed: set dataset_map_fn to one of the fitting formats\n"))
+        else:
+            out.write(f"dataset_map_fn: {name}\n")
+        if not ds_cfg.get("do_dataset_tokenization", True):
+            continue
+        tokenizer = build(ds_cfg["tokenizer"], key="tokenizer")
+        template_fn = _as_function(ds_cfg.get("template_map_fn"), "template_map_fn")
+        encoder = ConversationEncoder(tokenizer, ds_cfg.get("max_length"))
+        for i, row in enumerate(sample[:rows_to_show]):
+            out.write(f"-- row {i}\n[raw] {_short(row)}\n")
+            try:
+                conv = map_fn(dict(row)) if map_fn else dict(row)
+                out.write(f"[conversation] {_short(conv.get('conversation'))}\n")
+                templated = template_fn(conv) if template_fn else conv
+                encoded = encoder(templated)
+            except Exception as exc:  # noqa: BLE001 - shown, counted below
+                out.write(f"[error] {type(exc).__name__}: {exc}\n")
+                continue
+            out.write("[text, trained part between >>> and <<<]\n" + mark_trained(tokenizer, encoded) + "\n")
+            out.write(f"[input_ids] {_short(encoded['input_ids'], 200)}\n[labels] {_short(encoded['labels'], 200)}\n")
+        bad = 0
+        from lmtune.dataset.huggingface import describe_source
+
+        source = describe_source(ds_cfg["dataset"])
+        for index in range(len(raw)):
+            try:
+                conv = map_fn(dict(raw[index])) if map_fn else dict(raw[index])
+                if conv.get("conversation") is None:
+                    raise ConfigError("no 'conversation' produced")
+            except Exception as exc:  # noqa: BLE001 - the report is the point
+                bad += 1
+                if bad <= max_problems:
+                    out.write(f"[problem] row {index} of {source}: {exc}\n")
+        problems += bad
+        if bad:
+            out.write(f"{bad} malformed rows (set skip_bad_rows=True to skip them)\n")
+            continue
+        processed = process_hf_dataset(**{**ds_cfg, "use_cache": False})
+        if ds_cfg.get("pack_to_max_length", True) and len(processed):
+            row = processed[0]
+            out.write(f"[packed row 0] {len(row['input_ids'])} tokens, samples of {row['num_tokens']}\n")
+        out.write(f"OK: {len(processed)} training rows\n")
+    return problems
+
+
+def mark_trained(tokenizer, encoded: dict) -> str:
+    """The row's text with each trained span between >>> and <<<."""
+    parts, run, trained = [], [], None
+    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+        is_trained = label != -100
+        if trained is not None and is_trained != trained:
+            text = tokenizer.decode(run)
+            parts.append(f">>>{text}<<<" if trained else text)
+            run = []
+        run.append(token)
+        trained = is_trained
+    if run:
+        text = tokenizer.decode(run)
+        parts.append(f">>>{text}<<<" if trained else text)
+    return "".join(parts)
+
+
+def log_dataset(cfg: Config, show: str, out: TextIO, rows: int = 1) -> None:
+    """Print the first processed training rows as text, masked text, ids and/or labels."""
+    dataset = build(cfg.train_dataloader.dataset, key="train_dataloader.dataset")
+    tokenizer = None
+    for ds_cfg in dataset_configs(cfg):
+        if ds_cfg.get("tokenizer") is not None:
+            tokenizer = build(ds_cfg["tokenizer"], key="tokenizer")
+            break
+    for i in range(min(rows, len(dataset))):
+        row = dataset[i]
+        out.write(f"== row {i} ({len(row['input_ids'])} tokens)\n")
+        if show in ("text", "all") and tokenizer is not None:
+            out.write("[text]\n" + tokenizer.decode(row["input_ids"]) + "\n")
+        if show in ("masked_text", "all") and tokenizer is not None:
+            out.write("[masked_text]\n" + DatasetInfoHook.render_labels(tokenizer, row["labels"]) + "\n")
+        if show in ("input_ids", "all"):
+            out.write(f"[input_ids]\n{list(row['input_ids'])}\n")
+        if show in ("labels", "all"):
+            out.write(f"[labels]\n{list(row['labels'])}\n")
