@@ -132,3 +132,17 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
     after = grads()
     for name, grad in before.items():
         torch.testing.assert_close(after[name], grad, msg=name)
+
+
+def test_packing_isolation_probe_tells_isolating_from_leaking_attention(tiny_model_dir, monkeypatch):
+    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=False)
+    assert model.packing_leak() < 1e-4
+    # an implementation that takes the restarting position ids but masks only causally over the whole row
+    original = model.llm.forward
+
+    def leaky_forward(input_ids=None, position_ids=None, **kwargs):
+        return original(input_ids=input_ids, position_ids=position_ids,
+                        attention_mask=torch.ones_like(input_ids), **kwargs)
+
+    monkeypatch.setattr(model.llm, "forward", leaky_forward)
+    assert model.packing_leak() > 0.05

@@ -72,9 +72,10 @@ class RowProcessor:
     skipped) and whether it was truncated, so the pipeline can count and report.
     """
 
-    def __init__(self, map_fn, template_fn, encoder, source: str, skip_bad_rows: bool) -> None:
+    def __init__(self, map_fn, template_fn, encoder, max_length: int | None, source: str,
+                 skip_bad_rows: bool) -> None:
         self.map_fn, self.template_fn, self.encoder = map_fn, template_fn, encoder
-        self.source, self.skip_bad_rows = source, skip_bad_rows
+        self.max_length, self.source, self.skip_bad_rows = max_length, source, skip_bad_rows
 
     def _one(self, row: dict, index: int) -> tuple[dict | None, int]:
         stage = "dataset_map_fn"
@@ -104,16 +105,15 @@ class RowProcessor:
         names = list(batch)
         for k, index in enumerate(indices):
             encoded, status = self._one({name: batch[name][k] for name in names}, index)
-            if encoded is None:
-                encoded = {"input_ids": [], "labels": [], "length": 0}
-            elif not any(x != IGNORE_INDEX for x in encoded["labels"][1:]):
+            ids, labels = (encoded["input_ids"], encoded["labels"]) if encoded is not None else ([], [])
+            truncated = self.max_length is not None and len(ids) > self.max_length
+            if truncated:
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if status == OK and not any(x != IGNORE_INDEX for x in labels[1:]):
                 status = NO_TARGET
-            max_length = self.encoder.max_length
-            truncated = bool(encoded.pop("truncated", False)) or (
-                max_length is not None and encoded.get("full_length", 0) > max_length)
-            out["input_ids"].append(encoded["input_ids"])
-            out["labels"].append(encoded["labels"])
-            out["length"].append(encoded["length"])
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
             out["status"].append(status)
             out["truncated"].append(truncated)
         return out
@@ -216,8 +216,8 @@ def _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_d
         dataset = dataset.rename_column(old, new)
 
     if tokenize:
-        encoder = ConversationEncoder(tok, max_length)
-        processor = RowProcessor(map_fn, template_fn, encoder, source, skip_bad_rows)
+        encoder = ConversationEncoder(tok, None)  # truncated by the processor, which counts it
+        processor = RowProcessor(map_fn, template_fn, encoder, max_length, source, skip_bad_rows)
         dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True,
                               remove_columns=dataset.column_names, num_proc=map_num_proc,
                               desc="Tokenizing")

@@ -176,6 +176,33 @@ class SupervisedFinetune(nn.Module):
         num_tokens = (targets != IGNORE_INDEX).sum()
         return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
 
+    @torch.no_grad()
+    def packing_leak(self, segment: int = 8) -> float:
+        """How much the logits of a packed sample change because another sample precedes it.
+
+        Two samples are packed into one row (positions restarting at the second)
+        and the second is also run alone. With attention that keeps packed samples
+        apart the difference is float noise; a model whose attention ignores the
+        restart (some remote-code models do) lets the second sample see the first.
+        Returns the largest difference relative to the mean logit magnitude.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            vocab = self.llm.get_input_embeddings().num_embeddings
+            first = torch.arange(3, 3 + segment, device=device) % vocab
+            second = torch.arange(11, 11 + segment, device=device) % vocab
+            packed_ids = torch.cat([first, second])[None]
+            positions = torch.cat([torch.arange(segment), torch.arange(segment)]).to(device)[None]
+            packed = self.llm(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, segment:]
+            alone = self.llm(input_ids=second[None], position_ids=positions[:, :segment],
+                             use_cache=False).logits[0]
+            packed, alone = packed.float(), alone.float()
+            return float((packed - alone).abs().max() / alone.abs().mean().clamp(min=1e-6))
+        finally:
+            self.train(was_training)
+
     # -- checkpoints -----------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint holds: only what is trained (adapters for LoRA/QLoRA)."""

@@ -52,6 +52,10 @@ OPTIMIZER_HPARAMS = {"betas", "eps", "momentum", "dampening", "nesterov", "amsgr
                      "lambd", "t0", "etas", "step_sizes"}
 
 
+# A packed sample's logits may differ from the same sample run alone by float noise only (4-bit and bf16
+# kernels included); attention that leaks across samples changes them by far more.
+PACKING_LEAK_TOLERANCE = 0.02
+
 # Top-level keys the runner reads. A key in a config that is a near miss of one of these (and that one is
 # absent) is a typo: without this check `param_schedulr = [...]` would silently train without a schedule.
 RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
@@ -273,11 +277,25 @@ class Runner:
         model = build(cfg, key="model")
         if not getattr(model, "quantized", False):
             model.to(self.device)
+        self._check_packing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self.logger.info(f"Model: {trainable:,} trainable of {total:,} parameters "
                          f"({100 * trainable / max(total, 1):.2f}%)")
         return model
+
+    def _check_packing(self, model) -> None:
+        """Packed rows are only exact if the model keeps their samples apart: check once, before training."""
+        dataset = self.train_dataloader.dataset
+        if "num_tokens" not in getattr(dataset, "column_names", []) or not hasattr(model, "packing_leak"):
+            return
+        leak = model.packing_leak()
+        if leak > PACKING_LEAK_TOLERANCE:
+            raise ConfigError(
+                f"{type(model.llm).__name__} does not keep packed samples apart (a packed sample's logits change "
+                f"by {leak:.1%} when another precedes it): its attention ignores the restarting position ids. "
+                "Set pack_to_max_length=False, or use a model implementation from transformers itself "
+                "(trust_remote_code=False).")
 
     def _build_optim_wrapper(self, cfg: Any) -> OptimWrapper:
         if cfg is None:
