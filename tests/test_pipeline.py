@@ -170,3 +170,48 @@ def test_parallel_tokenization_gives_the_same_rows(tmp_path, tiny_model_dir, alp
     two = process_hf_dataset(**alpaca_cfg(alpaca_file, tiny_model_dir, use_cache=False, pack_to_max_length=False,
                                           map_num_proc=2))
     assert rows_of(one) == rows_of(two)
+
+
+def _prepare_on_rank(rank: int, port: int, cfg_args: tuple, cache: str, out_dir: str) -> None:
+    import json as _json
+    import logging as _logging
+
+    import torch.distributed as dist
+
+    os.environ["LMTUNE_CACHE"] = cache
+    records: list[str] = []
+
+    class Keep(_logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    _logging.getLogger("lmtune").addHandler(Keep())
+    _logging.getLogger("lmtune").setLevel(_logging.INFO)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 is busy preparing; rank 1 must wait for its copy, not prepare one
+        ds = process_hf_dataset(**alpaca_cfg(*cfg_args))
+        rows = [list(r["input_ids"]) for r in ds]
+        with open(f"{out_dir}/rank{rank}.json", "w") as fh:
+            _json.dump({"rows": rows, "log": records}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_with_two_ranks_rank0_prepares_and_rank1_reads_the_cache(tmp_path, tiny_model_dir, alpaca_file):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_prepare_on_rank, args=(port, (alpaca_file, tiny_model_dir), str(tmp_path / "cache"), str(tmp_path)),
+             nprocs=2, join=True)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0["rows"] == rank1["rows"] and rank0["rows"]
+    assert not any("from cache" in m for m in rank0["log"])
+    assert any("Loaded the processed dataset from cache" in m for m in rank1["log"])
