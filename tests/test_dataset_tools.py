@@ -1,0 +1,62 @@
+"""lmtune check-dataset, log-dataset and list-dataset-format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmtune
+from conftest import write_jsonl
+from lmtune.cli import main
+
+SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
+
+
+def opts(model_dir, data_dir, *extra):
+    return ["--cfg-options", f"pretrained_model_name_or_path={model_dir}", f"data_path={data_dir}",
+            "max_length=64", *extra]
+
+
+def test_list_dataset_format(capsys):
+    assert main(["list-dataset-format"]) == 0
+    out = capsys.readouterr().out
+    for name in ("alpaca", "oasst1", "openai", "sharegpt", "wizardlm", "pretrain", "msagent_react"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_check_dataset_shows_each_stage(capsys, tiny_model_dir, oasst1_dir):
+    assert main(["check-dataset", str(SEED_CFG), *opts(tiny_model_dir, oasst1_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "formats that fit the first rows: " in out and "oasst1" in out.split("formats that fit")[1].split("\n")[0]
+    assert "dataset_map_fn: oasst1_map_fn" in out
+    for stage in ("[raw]", "[conversation]", "[text, trained part", "[input_ids]", "[labels]", "[packed row 0]"):
+        assert stage in out
+    assert ">>>The capital of France is Paris.<|im_end|><<<" in out
+    assert "OK: " in out
+
+
+def test_check_dataset_reports_malformed_rows_by_number(capsys, tmp_path, tiny_model_dir):
+    rows = [{"text": "### Human: Hi### Assistant: Hello"}, {"txt": "wrong field"},
+            {"text": "### Human: Bye### Assistant: Bye"}, {"body": "also wrong"}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    assert main(["check-dataset", str(SEED_CFG), *opts(tiny_model_dir, tmp_path / "data")]) == 1
+    out = capsys.readouterr().out
+    assert "[problem] row 1 of" in out and "[problem] row 3 of" in out and "'text'" in out
+    assert "2 malformed rows" in out
+
+
+def test_check_dataset_suggests_a_format_when_none_is_set(capsys, tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 3)
+    main(["check-dataset", str(SEED_CFG), *opts(tiny_model_dir, tmp_path / "d", "train_dataset.dataset_map_fn=None")])
+    out = capsys.readouterr().out
+    assert "formats that fit the first rows: alpaca" in out
+    assert "one is needed" in out
+
+
+def test_log_dataset_shows_the_processed_rows(capsys, tiny_model_dir, oasst1_dir):
+    assert main(["log-dataset", str(SEED_CFG), *opts(tiny_model_dir, oasst1_dir), "--show", "masked_text"]) == 0
+    out = capsys.readouterr().out
+    assert "[masked_text]" in out and "[masked:" in out and "[input_ids]" not in out
+    assert main(["log-dataset", str(SEED_CFG), *opts(tiny_model_dir, oasst1_dir), "--show", "all"]) == 0
+    out = capsys.readouterr().out
+    for part in ("[text]", "[masked_text]", "[input_ids]", "[labels]"):
+        assert part in out
