@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lmtune
 from conftest import write_jsonl
+
+import lmtune
 from lmtune.cli import main
 
 SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
