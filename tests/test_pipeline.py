@@ -215,3 +215,18 @@ def test_with_two_ranks_rank0_prepares_and_rank1_reads_the_cache(tmp_path, tiny_
     assert rank0["rows"] == rank1["rows"] and rank0["rows"]
     assert not any("from cache" in m for m in rank0["log"])
     assert any("Loaded the processed dataset from cache" in m for m in rank1["log"])
+
+
+def test_batch_prefetch_gives_the_same_ids_as_text_by_text(tiny_tokenizer):
+    from conftest import OASST1_ROWS
+
+    from lmtune.dataset.encode import ConversationEncoder
+
+    template = template_map_fn_factory(QWEN)
+    rows = [template(oasst1_map_fn({"text": t})) for t in OASST1_ROWS]
+    rows = [r for r in rows if r["conversation"]]
+    batched = ConversationEncoder(tiny_tokenizer, None)
+    batched.prefetch(rows)
+    assert batched._cache  # the batch was tokenized up front
+    single = ConversationEncoder(tiny_tokenizer, None)
+    assert [batched(r) for r in rows] == [single(r) for r in rows]

@@ -12,8 +12,6 @@ own chat template instead (``lmtune.dataset.chat_template``).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
 from lmtune.utils.constants import IGNORE_INDEX
 
@@ -36,11 +34,31 @@ class ConversationEncoder:
         self.max_length = max_length
         self.bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self._encode = lru_cache(maxsize=256)(self._encode_uncached)
+        self._cache: dict[str, tuple[int, ...]] = {}
         self._chat_encoder: ChatTemplateEncoder | None = None
 
-    def _encode_uncached(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text, add_special_tokens=False)) if text else ()
+    def _encode(self, text: str) -> tuple[int, ...]:
+        if not text:
+            return ()
+        ids = self._cache.get(text)
+        if ids is None:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            ids = self._cache[text] = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        return ids
+
+    def prefetch(self, rows: list[dict]) -> None:
+        """Tokenize every text of a batch of rows in one call, through the tokenizer's parallel batch path;
+        the rows' encoding then only assembles ids. The result is the same as encoding text by text."""
+        texts = {turn.get(key) or "" for row in rows for turn in row.get("conversation") or []
+                 if not turn.get(CHAT_TEMPLATE_KEY) for key in ("input", "output", "sep")}
+        todo = [t for t in texts if t and t not in self._cache]
+        if not todo:
+            return
+        if len(self._cache) + len(todo) > 100_000:
+            self._cache.clear()
+        encoded = self.tokenizer(todo, add_special_tokens=False)["input_ids"]
+        self._cache.update(zip(todo, map(tuple, encoded)))
 
     def __call__(self, example: dict) -> dict:
         conversation = example["conversation"]

@@ -77,7 +77,15 @@ class RowProcessor:
         self.map_fn, self.template_fn, self.encoder = map_fn, template_fn, encoder
         self.max_length, self.source, self.skip_bad_rows = max_length, source, skip_bad_rows
 
-    def _one(self, row: dict, index: int) -> tuple[dict | None, int]:
+    def _fail(self, stage: str, index: int, exc: Exception) -> None:
+        if self.skip_bad_rows:
+            return
+        detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{stage} failed on row {index} of {self.source}: {detail} "
+                          "(set skip_bad_rows=True in train_dataset to skip such rows)") from None
+
+    def _conversation(self, row: dict, index: int) -> tuple[dict | None, int]:
+        """map_fn and template for one row: the templated row, or None and why."""
         stage = "dataset_map_fn"
         try:
             if self.map_fn is not None:
@@ -89,22 +97,25 @@ class RowProcessor:
             if not conversation:
                 return None, EMPTY
             stage = "template_map_fn"
-            if self.template_fn is not None:
-                row = self.template_fn(row)
-            stage = "tokenization"
-            return self.encoder(row), OK
+            return (self.template_fn(row) if self.template_fn is not None else row), OK
         except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
-            if self.skip_bad_rows:
-                return None, BAD
-            detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            raise ConfigError(f"{stage} failed on row {index} of {self.source}: {detail} "
-                              "(set skip_bad_rows=True in train_dataset to skip such rows)") from None
+            self._fail(stage, index, exc)
+            return None, BAD
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "truncated": []}
         names = list(batch)
-        for k, index in enumerate(indices):
-            encoded, status = self._one({name: batch[name][k] for name in names}, index)
+        staged = [self._conversation({name: batch[name][k] for name in names}, index)
+                  for k, index in enumerate(indices)]
+        self.encoder.prefetch([row for row, status in staged if status == OK])
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "truncated": []}
+        for (row, status), index in zip(staged, indices):
+            encoded = None
+            if status == OK:
+                try:
+                    encoded = self.encoder(row)
+                except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
+                    self._fail("tokenization", index, exc)
+                    status = BAD
             ids, labels = (encoded["input_ids"], encoded["labels"]) if encoded is not None else ([], [])
             truncated = self.max_length is not None and len(ids) > self.max_length
             if truncated:
