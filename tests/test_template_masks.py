@@ -68,9 +68,13 @@ def _need(tokenizer, package: str):
 
 
 @pytest.fixture(scope="session")
-def tokenizer_cache(pytestconfig):
-    """The built tokenizers are kept in pytest's cache dir (under the repo), so only a first run builds them."""
-    return pytestconfig.cache.mkdir("lmtune-real-tokenizers")
+def tokenizer_cache(pytestconfig, tmp_path_factory):
+    """The built tokenizers are kept in pytest's cache dir (under the repo), so only a first run builds them;
+    with the cache plugin off (-p no:cacheprovider) they are built into this session's temp dir."""
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("lmtune-real-tokenizers")
+    return cache.mkdir("lmtune-real-tokenizers")
 
 
 @pytest.fixture(scope="module")
