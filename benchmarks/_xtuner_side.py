@@ -2,9 +2,10 @@
 
 Times one call of ``xtuner.dataset.process_hf_dataset`` on the benchmark's JSON-lines file and
 tokenizer, with XTuner's own ``alpaca_map_fn`` (plus the alpaca system prompt, which lmtune's adds)
-and ``internlm2_chat`` template, passed as config dicts as an XTuner config passes them. Prints one line ``BENCHMARK_RESULT {json}``. It imports no lmtune
-code (lmtune is not installed in that environment). The parent sets HF_DATASETS_CACHE to a fresh
-directory and puts benchmarks/xtuner_stubs on PYTHONPATH (see setup_xtuner_env.sh).
+and ``internlm2_chat`` template, passed as config dicts as an XTuner config passes them. Prints one
+line ``BENCHMARK_RESULT {json}``. It imports no lmtune code (lmtune is not installed in that
+environment). The parent sets HF_DATASETS_CACHE to a fresh directory and puts benchmarks/xtuner_stubs
+on PYTHONPATH (see setup_xtuner_env.sh).
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     from xtuner.dataset import process_hf_dataset
     from xtuner.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
-    from xtuner.utils import PROMPT_TEMPLATE
-
-    from xtuner.utils import SYSTEM_TEMPLATE
+    from xtuner.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 
     def alpaca_with_system(example):
         # XTuner 0.2.0's alpaca_map_fn gives no system prompt; lmtune's gives SYSTEM_TEMPLATE.alpaca.

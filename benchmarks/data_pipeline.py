@@ -23,6 +23,7 @@ trained with ``lmtune.tools.tiny_model.train_bpe_tokenizer``) are generated from
     python benchmarks/data_pipeline.py                     # 100k rows, map_num_proc 1 and 2
     python benchmarks/data_pipeline.py --rows 20000 --num-proc 2
     python benchmarks/data_pipeline.py --profile           # also cProfile the lmtune cold run
+    python benchmarks/data_pipeline.py --repeat 3          # medians of 3 interleaved cold runs per side
 
 See benchmarks/README.md and docs/benchmarks.md.
 """
@@ -36,6 +37,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,9 +148,9 @@ def make_tokenizer(rows: list[dict], target: Path, vocab_size: int) -> None:
     spelling (``PreTrainedTokenizerFast``, ``additional_special_tokens``), which both versions load to
     the same vocabulary and special tokens (the benchmark checks that both encode alike).
     """
-    from lmtune.tools.tiny_model import train_bpe_tokenizer
-
     from tokenizers.processors import TemplateProcessing
+
+    from lmtune.tools.tiny_model import train_bpe_tokenizer
 
     texts = [" ".join((r["instruction"], r["input"], r["output"])) for r in rows[:5000]]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
@@ -319,6 +321,57 @@ def run_side(name: str, command: list[str], env: dict, log_path: Path, timeout: 
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
+def _spin(seconds_out) -> None:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(15_000_000):
+        x += i
+    seconds_out.put(time.perf_counter() - t0)
+
+
+def cpu_probe() -> dict:
+    """How many cores' worth of CPU this machine gives right now: the same busy loop run alone, then
+    in two processes at once. On a shared machine the second core may be partly taken by others,
+    which is what makes map_num_proc=2 figures vary from run to run."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+
+    def run(n: int) -> float:
+        procs = [ctx.Process(target=_spin, args=(results,)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        times = [results.get() for _ in procs]
+        for p in procs:
+            p.join()
+        return max(times)
+
+    alone = run(1)
+    together = run(2)
+    return {"alone_s": alone, "two_at_once_s": together, "effective_cores": round(2 * alone / together, 2),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
+def lmtune_tree() -> dict:
+    """Which lmtune was measured: the commit, and a digest of uncommitted changes under lmtune/."""
+    import hashlib
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    diff = git("diff", "HEAD", "--", "lmtune")
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "lmtune").split()
+    digest = hashlib.sha256(diff.encode())
+    for name in sorted(untracked):
+        digest.update(name.encode() + (REPO / name).read_bytes())
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified": bool(diff or untracked),
+            "changes_sha256": digest.hexdigest()[:12] if diff or untracked else None}
+
+
 def base_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LMTUNE_", "PYTHONPATH"))}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -356,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="keep data, caches and logs here (default: a temporary dir, removed)")
     parser.add_argument("--out", help="write all results as JSON here")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured process")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="cold runs per side and map_num_proc, interleaved lmtune/XTuner; the table shows "
+                             "the median (for shared, noisy machines)")
     parser.add_argument("--floor-rows", type=int, default=20_000,
                         help="rows on which to time the tokenizer alone (0: skip)")
     parser.add_argument("--worker", choices=["lmtune"], help=argparse.SUPPRESS)
@@ -419,25 +475,43 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"rows": args.rows, "max_length": args.max_length, "vocab_size": args.vocab_size,
                      "seed": args.seed, "cpus": os.cpu_count(), "python": platform.python_version(),
                      "machine": platform.platform(), "mean_words": words, "nooutput_rows": nooutput,
-                     "tokenizer_floor": floor, "runs": {}, "xtuner_note": xtuner_note}
+                     "tokenizer_floor": floor, "lmtune_tree": lmtune_tree(), "runs": {},
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "xtuner_note": xtuner_note}
     for n in num_procs:
         print(f"map_num_proc={n}")
         run_dir = work / f"np{n}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir()
-        lm_env = base_env(LMTUNE_CACHE=str(run_dir / "lmtune_cache"), HF_DATASETS_CACHE=str(run_dir / "hf_lmtune"))
-        entry: dict = {}
-        entry["lmtune"] = run_side("lmtune cold + cached (same process)",
-                                   me + common + ["--num-proc", str(n), "--calls", "2"], lm_env,
-                                   logs / f"lmtune_np{n}.log", args.timeout)
-        entry["lmtune_new_process"] = run_side("lmtune cached (new process)",
-                                               me + common + ["--num-proc", str(n), "--calls", "1"], lm_env,
-                                               logs / f"lmtune_cached_np{n}.log", args.timeout)
-        if run_xtuner:
-            xt_env = base_env(HF_DATASETS_CACHE=str(run_dir / "hf_xtuner"), PYTHONPATH=str(XTUNER_STUBS))
-            entry["xtuner"] = run_side("XTuner 0.2.0 cold", [str(xtuner_python), str(XTUNER_SIDE)] + common
-                                       + ["--num-proc", str(n)], xt_env, logs / f"xtuner_np{n}.log", args.timeout)
+        entry: dict = {"cpu": cpu_probe(), "lmtune_cold_s": [], "xtuner_cold_s": []}
+        print(f"  CPU probe: {entry['cpu']['effective_cores']} cores' worth of CPU free for two processes, "
+              f"load average {entry['cpu']['loadavg_1min']}")
+        for rep in range(args.repeat):
+            tag = f"np{n}" + (f"_r{rep}" if args.repeat > 1 else "")
+            rep_dir = run_dir / f"r{rep}"
+            lm_env = base_env(LMTUNE_CACHE=str(rep_dir / "lmtune_cache"), HF_DATASETS_CACHE=str(rep_dir / "hf_lmtune"))
+            first = rep == 0
+            lm = run_side("lmtune cold + cached (same process)" if first else f"lmtune cold (repeat {rep + 1})",
+                          me + common + ["--num-proc", str(n), "--calls", "2" if first else "1"], lm_env,
+                          logs / f"lmtune_{tag}.log", args.timeout)
+            if first:
+                entry["lmtune"] = lm
+                entry["lmtune_new_process"] = run_side(
+                    "lmtune cached (new process)", me + common + ["--num-proc", str(n), "--calls", "1"], lm_env,
+                    logs / f"lmtune_cached_{tag}.log", args.timeout)
+            if "error" not in lm:
+                entry["lmtune_cold_s"].append(lm["seconds"][0])
+            if run_xtuner:
+                xt_env = base_env(HF_DATASETS_CACHE=str(rep_dir / "hf_xtuner"), PYTHONPATH=str(XTUNER_STUBS))
+                xt = run_side("XTuner 0.2.0 cold" + ("" if first else f" (repeat {rep + 1})"),
+                              [str(xtuner_python), str(XTUNER_SIDE)] + common + ["--num-proc", str(n)], xt_env,
+                              logs / f"xtuner_{tag}.log", args.timeout)
+                if first:
+                    entry["xtuner"] = xt
+                if "error" not in xt:
+                    entry["xtuner_cold_s"].append(xt["seconds"])
+            shutil.rmtree(rep_dir / "hf_lmtune", ignore_errors=True)  # keep the disk use of repeats bounded
+            shutil.rmtree(rep_dir / "hf_xtuner", ignore_errors=True)
         results["runs"][str(n)] = entry
 
     if args.profile:
@@ -476,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
 def render(results: dict) -> str:
     """The markdown table of docs/benchmarks.md."""
     rows = results["rows"]
-    lines = [f"{rows} rows, max_length {results['max_length']}, {results['cpus']} CPUs",
+    tree = results.get("lmtune_tree") or {}
+    measured = f"lmtune {tree.get('commit', '?')}" + (
+        f" with uncommitted changes {tree['changes_sha256']}" if tree.get("modified") else "")
+    lines = [f"{rows} rows, max_length {results['max_length']}, {results['cpus']} CPUs, {measured}",
              "",
              "| map_num_proc | run | seconds | rows/s | packed rows | tokens | fill rate |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -496,10 +573,21 @@ def render(results: dict) -> str:
                      f"need about {rows / rate:.0f}s of it on either side")
     for n, entry in results["runs"].items():
         lm, lm2, xt = entry.get("lmtune", {}), entry.get("lmtune_new_process", {}), entry.get("xtuner")
+        if entry.get("cpu") and n != "1":
+            notes.append(f"map_num_proc={n}: CPU probe before the runs: {entry['cpu']['effective_cores']} cores' worth "
+                         f"of CPU for two processes (2.0 on an idle 2-core machine)")
+        lm_cold = entry.get("lmtune_cold_s") or ([] if "error" in lm else [lm["seconds"][0]])
+        xt_cold = entry.get("xtuner_cold_s") or ([] if xt is None or "error" in xt else [xt["seconds"]])
+        if len(lm_cold) > 1 or len(xt_cold) > 1:
+            pairs = [x / m for m, x in zip(lm_cold, xt_cold)]
+            notes.append(f"map_num_proc={n}: cold runs (median in the table): lmtune "
+                         + ", ".join(f"{v:.1f}" for v in lm_cold) + "s; XTuner "
+                         + ", ".join(f"{v:.1f}" for v in xt_cold) + "s; ratio per interleaved pair "
+                         + ", ".join(f"{v:.2f}x" for v in pairs))
         if "error" in lm:
             notes.append(f"map_num_proc={n}: lmtune failed: {lm['error']}")
         else:
-            row(n, "lmtune cold", lm["seconds"][0], lm)
+            row(n, "lmtune cold", statistics.median(lm_cold), lm)
             if len(lm["seconds"]) > 1:
                 row(n, "lmtune cached, same process", lm["seconds"][1], lm)
         if lm2 and "error" not in lm2:
@@ -508,9 +596,9 @@ def render(results: dict) -> str:
             if "error" in xt:
                 notes.append(f"map_num_proc={n}: XTuner failed: {xt['error']}")
             else:
-                row(n, "XTuner 0.2.0 cold", xt["seconds"], xt)
+                row(n, "XTuner 0.2.0 cold", statistics.median(xt_cold), xt)
                 if "error" not in lm:
-                    ratio = xt["seconds"] / lm["seconds"][0]
+                    ratio = statistics.median(xt_cold) / statistics.median(lm_cold)
                     notes.append(f"map_num_proc={n}: lmtune cold / XTuner cold throughput = {ratio:.2f}x; "
                                  f"tokens lmtune {lm['tokens']:,} vs XTuner {xt['tokens']:,}")
                     if lm.get("probe_ids") != xt.get("probe_ids"):

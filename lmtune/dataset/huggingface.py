@@ -120,7 +120,7 @@ class RowProcessor:
             truncated = self.max_length is not None and len(ids) > self.max_length
             if truncated:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if status == OK and not any(x != IGNORE_INDEX for x in labels[1:]):
+            if status == OK and len(labels) - 1 - labels[1:].count(IGNORE_INDEX) <= 0:  # nothing to train
                 status = NO_TARGET
             out["input_ids"].append(ids)
             out["labels"].append(labels)
