@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     formats = sub.add_parser("list-dataset-format", help="list the dataset formats (map functions)")
     formats.set_defaults(func=_list_dataset_format)
+
+    from lmtune.tools import chat, convert
+
+    convert.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 

@@ -9,16 +9,24 @@ A checkpoint is a directory ``iter_N`` in the work dir:
 
 It is written into a hidden temporary directory and renamed into place, then
 the ``last_checkpoint`` file is replaced atomically; a crash mid-save leaves
-the previous checkpoints and pointer untouched. Everything loads with
+the previous checkpoints and pointer untouched. ``find_latest`` verifies the
+files of the newest checkpoint (safetensors header and size, readable trainer
+state, intact optimizer archive, parseable meta) and falls back, with a
+warning, to the previous one when they are not. Everything loads with
 ``torch.load(weights_only=True)`` or safetensors: no pickled code runs on load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import struct
 import tempfile
+import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,16 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer_state.pt"
 META = "meta.json"
+
+# Test hook, for fault-injection tests only: seconds to sleep after each file of a save is written, so that a
+# test can kill the process while a save is in progress. Unset (the default) means no sleep.
+SLOW_SAVE_ENV = "LMTUNE_TEST_SLOW_SAVE"
+
+
+def _test_slow_save() -> None:
+    delay = os.environ.get(SLOW_SAVE_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,9 +105,12 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        _test_slow_save()
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)
+            _test_slow_save()
         torch.save(trainer_state, tmp / TRAINER)
+        _test_slow_save()
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         for child in tmp.iterdir():
             with open(child, "rb") as fh:
@@ -130,16 +151,77 @@ def list_checkpoints(work_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def find_latest(work_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``last_checkpoint`` names, or else the newest complete one."""
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the file is as long as the header says (a truncated file is not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise ValueError("header runs past the end of the file")
+        header = json.loads(fh.read(length))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"{size} bytes where the header describes {8 + length + end}")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint directory cannot be resumed from, or None when it is sound.
+
+    Cheap checks only: the weights are not read, the trainer state (small) is.
+    """
+    path = Path(path)
+    for name in (META, WEIGHTS, TRAINER):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        int(json.loads((path / META).read_text(encoding="utf-8"))["iter"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return f"{META} is unreadable ({exc})"
+    try:
+        _check_safetensors(path / WEIGHTS)
+    except (ValueError, KeyError, TypeError, OSError, struct.error) as exc:
+        return f"{WEIGHTS} is corrupt ({exc})"
+    try:
+        torch.load(path / TRAINER, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+        return f"{TRAINER} is unreadable ({type(exc).__name__}: {exc})"
+    if (path / OPTIMIZER).exists():
+        try:
+            with zipfile.ZipFile(path / OPTIMIZER) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{OPTIMIZER} is corrupt ({exc})"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None) -> Path | None:
+    """The newest sound checkpoint in the work dir.
+
+    A newer ``iter_N``/``epoch_N`` directory that is incomplete or corrupt is reported through ``warn``
+    (default: the ``lmtune`` logger) and skipped, so a resume uses the previous complete one.
+    """
     work_dir = Path(work_dir)
-    pointer = work_dir / POINTER
-    if pointer.is_file():
-        path = work_dir / pointer.read_text().strip()
-        if is_complete(path):
+    if not work_dir.is_dir():
+        return None
+    warn = warn or logging.getLogger("lmtune").warning
+    candidates = [p for p in work_dir.iterdir()
+                  if p.is_dir() and p.name.startswith(("iter_", "epoch_")) and _step_of(p) >= 0]
+    for path in sorted(candidates, key=lambda p: (_step_of(p), p.name), reverse=True):
+        reason = verify_checkpoint(path)
+        if reason is None:
             return path
-    complete = list_checkpoints(work_dir)
-    return complete[-1] if complete else None
+        warn(f"checkpoint {path} is incomplete or corrupt: {reason}; using the previous one")
+    return None
 
 
 def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = None) -> list[Path]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, permissions...); the previous ones are intact."""
 
 
 class CheckpointHook(Hook):
@@ -15,6 +21,12 @@ class CheckpointHook(Hook):
     ``max_keep_ckpts`` keeps the newest N (-1 keeps all); older ones are deleted
     only after the new one is complete. ``save_optimizer=False`` saves weights
     and position only (such a checkpoint cannot be resumed exactly).
+
+    A save that fails (disk full or any other error) leaves the previous
+    checkpoints intact and stops the run with a ``CheckpointSaveError``;
+    ``continue_on_error=True`` logs the error and trains on instead. A model
+    whose trainable weights are NaN/inf is never saved: the save is refused
+    with a warning.
     """
 
     priority = "VERY_LOW"
@@ -24,7 +36,8 @@ class CheckpointHook(Hook):
                  save_last: bool = True, save_best: str | None = None, rule: str | None = None,
                  greater_keys: list | None = None, less_keys: list | None = None, file_client_args: dict | None = None,
                  filename_tmpl: str | None = None, backend_args: dict | None = None,
-                 published_keys: list | None = None, save_begin: int = 0) -> None:
+                 published_keys: list | None = None, save_begin: int = 0,
+                 continue_on_error: bool = False) -> None:
         """MMEngine's arguments are accepted. ``save_best``/``rule``/``greater_keys``/``less_keys`` need
         validation metrics, which supervised fine-tuning runs here do not produce; a config that sets
         ``save_best`` is refused rather than silently ignored. ``filename_tmpl``, ``file_client_args``,
@@ -39,13 +52,37 @@ class CheckpointHook(Hook):
         self.out_dir = out_dir
         self.max_keep_ckpts = -1 if max_keep_ckpts is None else int(max_keep_ckpts)
         self.save_last = save_last
+        self.continue_on_error = bool(continue_on_error)
         self._pending = False
+
+    @staticmethod
+    def _nonfinite_params(runner) -> list[str]:
+        return [name for name, p in runner.unwrapped_model.named_parameters()
+                if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
 
     def _save(self, runner) -> None:
         self._pending = False
         if runner.last_saved_iter == runner.completed_iters:
             return
-        path = runner.save_checkpoint(out_dir=self.out_dir, save_optimizer=self.save_optimizer)
+        bad = self._nonfinite_params(runner)
+        if bad:
+            runner.logger.warning(f"not saving a checkpoint at iteration {runner.completed_iters}: {len(bad)} "
+                                  f"trainable tensors hold NaN/inf (e.g. {bad[0]}); the previous checkpoints "
+                                  "are kept as they are")
+            return
+        try:
+            path = runner.save_checkpoint(out_dir=self.out_dir, save_optimizer=self.save_optimizer)
+        except Exception as exc:
+            where = self.out_dir or runner.work_dir
+            message = (f"saving checkpoint iter_{runner.completed_iters} in {where} failed: "
+                       f"{type(exc).__name__}: {exc}. The previous checkpoints are intact")
+            if self.continue_on_error:
+                runner.logger.error(message + "; training continues (continue_on_error=True)")
+                return
+            raise CheckpointSaveError(message + "; free space (or fix the cause) and continue with "
+                                      "`lmtune train ... --resume`, or set "
+                                      "default_hooks.checkpoint.continue_on_error=True to train on "
+                                      "without this checkpoint") from exc
         if is_main_process() and path is not None:
             for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path):
                 runner.logger.info(f"Removed old checkpoint {old}")

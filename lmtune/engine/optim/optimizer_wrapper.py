@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,12 +20,24 @@ class OptimWrapper:
     tokens, so the step's gradient is that of the mean over all its tokens.
     ``clip_grad=dict(max_norm=..., norm_type=2, error_if_nonfinite=False)``
     clips the total gradient norm before the step.
+
+    A step whose loss or gradient norm is NaN or inf is skipped: no optimizer
+    step, gradients zeroed (``skipped`` is True after it). ``max_nonfinite_steps``
+    (default 5, ``optim_wrapper.max_nonfinite_steps`` in a config) is how many
+    such steps in a row the training loop tolerates before it stops the run; a
+    finite step resets the count (``nonfinite_steps``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
-                 clip_grad: dict | None = None) -> None:
+                 clip_grad: dict | None = None, max_nonfinite_steps: int = 5) -> None:
         if int(accumulative_counts) < 1:
             raise ValueError("accumulative_counts must be >= 1")
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) \
+                or max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be a positive integer, got {max_nonfinite_steps!r}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0
+        self.skipped = False
         self.optimizer = optimizer
         self.accumulative_counts = int(accumulative_counts)
         self.clip_grad = dict(clip_grad) if clip_grad else None
@@ -63,9 +76,25 @@ class OptimWrapper:
     def _optimizer_step(self) -> None:
         self.optimizer.step()
 
-    def step(self) -> float | None:
-        """Unscale, clip, step and zero the gradients; return the gradient norm."""
+    def _skips_overflow_itself(self) -> bool:
+        """Whether a loss scaler already handles non-finite gradients (by skipping and backing off)."""
+        return False
+
+    def step(self, loss_finite: bool = True) -> float | None:
+        """Unscale, clip, step and zero the gradients; return the gradient norm.
+
+        With a non-finite loss (``loss_finite=False``) or gradient norm the optimizer step is skipped.
+        """
         grad_norm = self.clip_grads()
+        grad_finite = grad_norm is None or math.isfinite(grad_norm)
+        self.skipped = not loss_finite or (not grad_finite and not self._skips_overflow_itself())
+        if self.skipped:
+            self.nonfinite_steps += 1
+            if getattr(self, "scaler", None) is not None:
+                self._after_step()  # the scaler was unscaled for this step: let it reset (and back off)
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        self.nonfinite_steps = 0
         self._optimizer_step()
         self._after_step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -103,8 +132,8 @@ class AmpOptimWrapper(OptimWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
                  clip_grad: dict | None = None, loss_scale: Any = "dynamic", dtype: Any = None,
-                 use_fsdp: bool = False) -> None:
-        super().__init__(optimizer, accumulative_counts, clip_grad)
+                 use_fsdp: bool = False, max_nonfinite_steps: int = 5) -> None:
+        super().__init__(optimizer, accumulative_counts, clip_grad, max_nonfinite_steps)
         self.dtype = training_dtype(dtype, self.device)
         self.scaler = None
         if self.dtype == torch.float16:
@@ -124,6 +153,9 @@ class AmpOptimWrapper(OptimWrapper):
             return
         with torch.autocast(device_type=self.device.type, dtype=self.dtype):
             yield
+
+    def _skips_overflow_itself(self) -> bool:
+        return self.scaler is not None
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

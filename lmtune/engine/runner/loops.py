@@ -13,6 +13,10 @@ from lmtune.engine.dist import all_reduce_sum, get_world_size
 from lmtune.model.loss import count_target_tokens
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient norm."""
+
+
 class TrainLoop:
     """Runs ``max_epochs`` epochs (or ``max_iters`` iterations) of training.
 
@@ -94,6 +98,20 @@ class TrainLoop:
         self.epoch += 1
         self.iter_in_epoch = 0
 
+    def _report_skipped(self, outputs: dict) -> None:
+        """Warn about a skipped non-finite step; stop the run after ``max_nonfinite_steps`` in a row."""
+        optim = self.runner.optim_wrapper
+        count, limit = optim.nonfinite_steps, optim.max_nonfinite_steps
+        self.runner.logger.warning(
+            f"iteration {self.iter + 1}: loss {outputs['loss']} / gradient norm {outputs['grad_norm']} is not "
+            f"finite; optimizer step skipped ({count} in a row, the run stops at {limit})")
+        if count >= limit:
+            raise NonFiniteLossError(
+                f"{count} optimizer steps in a row had a NaN/inf loss or gradient norm (last at iteration "
+                f"{self.iter + 1}); stopping. Lower the learning rate, enable clip_grad or check the data; "
+                "optim_wrapper.max_nonfinite_steps sets how many are tolerated. The checkpoints saved so far "
+                "are intact.")
+
     def run_step(self, group: list[dict]) -> None:
         """One optimizer step over a group of micro-batches."""
         runner = self.runner
@@ -101,6 +119,7 @@ class TrainLoop:
         local_tokens = sum(count_target_tokens(batch["labels"]) for batch in group)
         step_tokens = float(all_reduce_sum(torch.tensor(float(local_tokens), device=runner.device)))
         scale = get_world_size() / max(step_tokens, 1.0)
+        loss_finite = True
         for k, batch in enumerate(group):
             last = k == len(group) - 1
             runner.call_hook("before_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch)
@@ -113,9 +132,12 @@ class TrainLoop:
                 optim.backward(out["loss_sum"] * scale)
             outputs = {"loss": out["loss"].item(), "loss_sum": out["loss_sum"].item(),
                        "num_tokens": int(out["num_tokens"])}
+            loss_finite = loss_finite and math.isfinite(outputs["loss_sum"])
             if last:
-                outputs["grad_norm"] = optim.step()
+                outputs["grad_norm"] = optim.step(loss_finite=loss_finite)
                 outputs["step_tokens"] = step_tokens
+                if getattr(optim, "skipped", False):
+                    self._report_skipped(outputs)
             runner.at_step_boundary = last
             self.in_after_iter = 1
             runner.call_hook("after_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch,

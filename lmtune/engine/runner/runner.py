@@ -410,7 +410,7 @@ class Runner:
         path = resume if isinstance(resume, (str, Path)) else load_from
         if path:
             return Path(path)
-        found = ckpt.find_latest(self.work_dir)
+        found = ckpt.find_latest(self.work_dir, warn=self.logger.warning)
         if found is None:
             self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
         return found

@@ -1,0 +1,247 @@
+"""Export a training checkpoint to Hugging Face format, and merge a LoRA adapter into its base.
+
+``pth_to_hf`` turns ``work_dirs/<cfg>/iter_N`` into a PEFT adapter directory (LoRA/QLoRA)
+or a full ``save_pretrained`` model plus tokenizer (full fine-tuning). ``merge`` folds an
+adapter into its (unquantized) base model and saves the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmtune.config.errors import ConfigError
+
+CONFIG_COPY = "lmtune_config.py"
+EXPORT_INFO = "lmtune_export.json"
+
+
+# ------------------------------------------------------------------ helpers
+
+def _check_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    from lmtune.engine import checkpoint as ckpt
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint not found: {path} (expected a directory such as work_dirs/cfg/iter_500)")
+    if not (path / ckpt.WEIGHTS).is_file():
+        raise ConfigError(f"checkpoint {path} has no {ckpt.WEIGHTS}; it is incomplete or not an lmtune checkpoint")
+    if not (path / ckpt.META).is_file():
+        raise ConfigError(f"checkpoint {path} is incomplete (no {ckpt.META}); pick another one")
+    return path
+
+
+def _template_name(template: Any) -> Any:
+    """The name of a built-in prompt template equal to ``template``, else the template as a plain dict."""
+    from lmtune.utils import PROMPT_TEMPLATE
+
+    if template is None:
+        return None
+    if isinstance(template, str):
+        return template
+    plain = dict(template)
+    for name, known in PROMPT_TEMPLATE.items():
+        if dict(known) == plain:
+            return name
+    return {k: v for k, v in plain.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def _base_model_path(cfg: Any) -> str | None:
+    llm = cfg.get("model", {}).get("llm")
+    if isinstance(llm, dict) and llm.get("pretrained_model_name_or_path") is not None:
+        return str(llm["pretrained_model_name_or_path"])
+    value = cfg.get("pretrained_model_name_or_path")
+    return None if value is None else str(value)
+
+
+def _save_tokenizer(source: str | os.PathLike, save_dir: Path, tokenizer_cfg: Any = None) -> bool:
+    from transformers import AutoTokenizer
+
+    from lmtune.config import build
+
+    try:
+        if tokenizer_cfg is not None:
+            tokenizer = build(tokenizer_cfg, key="tokenizer")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+    except (OSError, ValueError):
+        return False
+    tokenizer.save_pretrained(str(save_dir))
+    return True
+
+
+def _is_4bit(model_dir: str | os.PathLike) -> bool:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    method = str(quant.get("quant_method", "bitsandbytes")).lower()
+    return "bitsandbytes" in method and bool(quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+
+
+def _save_model(model: Any, save_dir: Path, safe_serialization: bool, **kwargs: Any) -> None:
+    """``save_pretrained``; transformers 5 writes only safetensors and dropped ``safe_serialization``."""
+    import inspect
+    import warnings
+
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = safe_serialization
+    elif not safe_serialization:
+        warnings.warn("this transformers version saves only .safetensors; --no-safe-serialization is ignored",
+                      stacklevel=2)
+    model.save_pretrained(str(save_dir), **kwargs)
+
+
+# ------------------------------------------------------------------ pth_to_hf
+
+def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, save_dir: str | os.PathLike,
+              fp32: bool = False, max_shard_size: str = "2GB", safe_serialization: bool = True,
+              cfg_options: dict[str, Any] | None = None) -> Path:
+    """Export checkpoint ``checkpoint`` (an ``iter_N`` dir) of the run configured by ``config`` to ``save_dir``."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmtune.config import Config
+    from lmtune.engine.device import as_dtype
+    from lmtune.model.sft import SupervisedFinetune
+
+    ckpt_dir = _check_checkpoint(checkpoint)
+    if config is None:
+        config = ckpt_dir / "config.py"
+        if not config.is_file():
+            raise ConfigError(f"checkpoint {ckpt_dir} holds no config.py; pass the training config explicitly")
+    cfg = Config.fromfile(config, cfg_options)
+    if "model" not in cfg or not isinstance(cfg.model, dict):
+        raise ConfigError(f"config {config} has no model=dict(...) to rebuild the trained model from")
+    model_cfg = dict(cfg.model)
+    model_cfg.pop("type", None)
+    model_cfg["use_activation_checkpointing"] = False
+    try:
+        model = SupervisedFinetune(**model_cfg)
+    except TypeError as exc:
+        raise ConfigError(f"model settings of {config} do not fit SupervisedFinetune: {exc}") from exc
+    model.load_trainable_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    model.eval()
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if model.use_lora:
+        model.llm.save_pretrained(str(save_dir), safe_serialization=safe_serialization)
+    else:
+        llm = model.llm
+        llm_cfg = model_cfg.get("llm")
+        dtype = None
+        if fp32:
+            dtype = torch.float32
+        elif isinstance(llm_cfg, dict):
+            dtype = llm_cfg.get("dtype", llm_cfg.get("torch_dtype"))
+            dtype = None if dtype == "auto" else as_dtype(dtype)
+        if dtype is not None:
+            llm = llm.to(dtype)
+        llm.config.use_cache = True
+        _save_model(llm, save_dir, safe_serialization, max_shard_size=max_shard_size)
+        tokenizer_cfg = cfg.get("tokenizer") or model_cfg.get("tokenizer")
+        _save_tokenizer(_base_model_path(cfg) or "", save_dir, tokenizer_cfg)
+
+    shutil.copyfile(config, save_dir / CONFIG_COPY)
+    info: dict[str, Any] = {"base_model": _base_model_path(cfg), "checkpoint": str(ckpt_dir.resolve()),
+                            "lora": bool(model.use_lora)}
+    template = _template_name(cfg.get("prompt_template"))
+    if template is not None:
+        info["prompt_template"] = template
+    if cfg.get("SYSTEM"):
+        info["system"] = cfg.get("SYSTEM")
+    (save_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+    return save_dir
+
+
+# ------------------------------------------------------------------ merge
+
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | os.PathLike,
+          max_shard_size: str = "2GB", device: str = "cpu", safe_serialization: bool = True) -> Path:
+    """Merge the LoRA adapter in ``adapter`` into the model in ``base`` and save the result to ``save_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                          "export a LoRA checkpoint with `lmtune convert pth_to_hf` first")
+    if _is_4bit(base):
+        raise ConfigError(f"{base} is a 4-bit quantized model: a LoRA adapter cannot be merged into 4-bit "
+                          "weights; merge into the dequantized base instead (the original fp16/bf16 model the "
+                          "QLoRA run was started from)")
+    device_map = {"": device} if device in ("cpu", "cuda") else device
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", device_map=device_map,
+                                                 trust_remote_code=True)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    merged = model.merge_and_unload()
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    _save_model(merged, save_dir, safe_serialization, max_shard_size=max_shard_size)
+    has_tokenizer = any((adapter / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    _save_tokenizer(adapter if has_tokenizer else base, save_dir)
+    return save_dir
+
+
+# ------------------------------------------------------------------ command line
+
+def _pth_to_hf_cmd(args: argparse.Namespace) -> int:
+    from lmtune.config import parse_overrides
+
+    config = args.config
+    if config is not None and not Path(config).is_file():
+        from lmtune.cli import resolve_config
+
+        config = resolve_config(config)
+    pth_to_hf(config, args.checkpoint, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size,
+              safe_serialization=args.safe_serialization, cfg_options=parse_overrides(args.cfg_options))
+    print(f"saved to {args.save_dir}")
+    return 0
+
+
+def _merge_cmd(args: argparse.Namespace) -> int:
+    merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device,
+          safe_serialization=args.safe_serialization)
+    print(f"saved to {args.save_dir}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``convert pth_to_hf`` and ``convert merge`` on ``subparsers``."""
+    convert = subparsers.add_parser("convert", help="export checkpoints to Hugging Face format; merge adapters")
+    convert.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = convert.add_subparsers(dest="convert_command", metavar="SUBCOMMAND")
+
+    export = sub.add_parser("pth_to_hf", help="export an iter_N checkpoint as a PEFT adapter or a full model")
+    export.add_argument("config", help="the training config (path or built-in name)")
+    export.add_argument("checkpoint", help="checkpoint directory, e.g. work_dirs/cfg/iter_500")
+    export.add_argument("save_dir", help="where the Hugging Face files go")
+    export.add_argument("--fp32", action="store_true", help="save full models in float32")
+    export.add_argument("--max-shard-size", default="2GB", help="largest weight shard (default 2GB)")
+    export.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                        help="save .safetensors (default) or .bin")
+    export.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override settings")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    export.set_defaults(func=_pth_to_hf_cmd)
+
+    merge_p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    merge_p.add_argument("base", help="the unquantized base model directory or hub id")
+    merge_p.add_argument("adapter", help="the adapter directory (from convert pth_to_hf)")
+    merge_p.add_argument("save_dir", help="where the merged model goes")
+    merge_p.add_argument("--max-shard-size", default="2GB", help="largest weight shard (default 2GB)")
+    merge_p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                         help="where to load the model for merging (default cpu)")
+    merge_p.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                         help="save .safetensors (default) or .bin")
+    merge_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    merge_p.set_defaults(func=_merge_cmd)
+    convert.set_defaults(func=lambda args: (convert.print_help(), 2)[1])
+    return convert

@@ -1,0 +1,298 @@
+"""Checkpoints you can trust: non-finite steps, corrupt checkpoints, failing saves, kill -9 at random moments."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmtune
+from lmtune.cli import main
+from lmtune.config import Config
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.runner import Runner
+from lmtune.engine.runner.loops import NonFiniteLossError
+
+SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
+
+
+def overrides(model_dir, data_dir, **extra) -> dict:
+    """The built-in config on the tiny model: fp32 LoRA without dropout, no chat evaluation."""
+    base = {"pretrained_model_name_or_path": model_dir, "data_path": data_dir, "max_length": 64,
+            "train_cfg.max_epochs": None, "train_cfg.max_iters": 12,
+            "accumulative_counts": 1, "save_steps": 2, "save_total_limit": -1, "lr": 1e-3,
+            "model.llm.quantization_config": None, "model.llm.torch_dtype": torch.float32,
+            "model.lora.lora_dropout": 0.0, "optim_wrapper.dtype": "float32",
+            "model.use_activation_checkpointing": False, "custom_hooks": [],
+            "default_hooks.logger.interval": 1}
+    base.update(extra)
+    return base
+
+
+def make_runner(tmp_path, model_dir, data_dir, name="w", **extra) -> Runner:
+    cfg = Config.fromfile(SEED_CFG, overrides(model_dir, data_dir, **extra))
+    return Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=5)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def lmtune_log():
+    handler = Records()
+    log = logging.getLogger("lmtune")
+    log.addHandler(handler)
+    yield handler.messages
+    log.removeHandler(handler)
+
+
+def params(runner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in runner.unwrapped_model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------ non-finite loss
+
+def nan_at(runner, bad_iters: set[int]) -> None:
+    """Make the model's loss NaN at the given (1-based) iterations."""
+    model = runner.model
+    forward = model.forward
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if runner.iter + 1 in bad_iters:
+            out = dict(out)
+            out["loss_sum"] = out["loss_sum"] * float("nan")
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    model.forward = patched
+
+
+def test_nonfinite_steps_are_skipped_and_the_count_resets(tmp_path, tiny_model_dir, oasst1_dir, lmtune_log):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, **{"optim_wrapper.max_nonfinite_steps": 3})
+    assert runner.optim_wrapper.max_nonfinite_steps == 3
+    nan_at(runner, {3, 4, 6, 7})  # at most two in a row: never stops
+    seen = {}
+    step = runner.optim_wrapper.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        seen[runner.iter + 1] = params(runner)
+        return step(*args, **kwargs)
+
+    runner.optim_wrapper.optimizer.step = counting_step
+    runner.train()
+    assert sorted(set(range(1, runner.max_iters + 1)) - set(seen)) == [3, 4, 6, 7]  # no optimizer step there
+    warned = [m for m in lmtune_log if "not finite" in m]
+    assert len(warned) == 4 and "iteration 3:" in warned[0] and "iteration 7:" in warned[-1]
+    assert "(2 in a row" in warned[1] and "(1 in a row" in warned[2]  # a good step reset the count
+    assert runner.optim_wrapper.nonfinite_steps == 0
+    assert all(torch.isfinite(p).all() for p in params(runner).values())
+    assert ckpt.find_latest(runner.work_dir).name == f"iter_{runner.max_iters}"
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path, tiny_model_dir, oasst1_dir, lmtune_log):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, **{"optim_wrapper.max_nonfinite_steps": 3})
+    nan_at(runner, {3, 4, 5, 6, 7, 8})
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*iteration 5"):
+        runner.train()
+    assert runner.iter == 4  # stopped at iteration 5, before its hooks
+    assert [p.name for p in ckpt.list_checkpoints(runner.work_dir)] == ["iter_2", "iter_4"]
+
+
+def test_nonfinite_step_via_the_cli_exits_nonzero(tmp_path, tiny_model_dir, oasst1_dir, capsys, monkeypatch):
+    from lmtune.model.sft import SupervisedFinetune
+
+    real = SupervisedFinetune.forward
+
+    def inf_loss(self, *args, **kwargs):
+        out = dict(real(self, *args, **kwargs))
+        out["loss_sum"] = out["loss_sum"] * float("inf")
+        return out
+
+    monkeypatch.setattr(SupervisedFinetune, "forward", inf_loss)
+    code = main(["train", str(SEED_CFG), "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                 *_cli_opts(tiny_model_dir, oasst1_dir), "optim_wrapper.max_nonfinite_steps=2"])
+    err = capsys.readouterr().err
+    assert code != 0 and "NonFiniteLossError" in err and "2 optimizer steps in a row" in err, err
+    assert not list((tmp_path / "w").glob("iter_*"))
+
+
+def test_a_nan_model_is_never_saved(tmp_path, tiny_model_dir, oasst1_dir, lmtune_log):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, save_steps=100, **{"train_cfg.max_iters": 3})
+    runner.train()
+    good = ckpt.find_latest(runner.work_dir)
+    before = (good / ckpt.WEIGHTS).read_bytes()
+    hook = next(h for h in runner.hooks if type(h).__name__ == "CheckpointHook")
+    with torch.no_grad():
+        next(p for p in runner.unwrapped_model.parameters() if p.requires_grad)[0].fill_(float("nan"))
+    runner.train_loop.iter += 1
+    hook._save(runner)
+    assert ckpt.find_latest(runner.work_dir) == good and (good / ckpt.WEIGHTS).read_bytes() == before
+    assert not (runner.work_dir / f"iter_{runner.iter}").exists()
+    assert any("not saving a checkpoint" in m and "NaN" in m for m in lmtune_log)
+
+
+# ------------------------------------------------------------------ corrupt newest checkpoint
+
+def _corrupt(path: Path, how: str) -> None:
+    if how == "truncated_weights":
+        data = (path / ckpt.WEIGHTS).read_bytes()
+        (path / ckpt.WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif how == "missing_trainer":
+        (path / ckpt.TRAINER).unlink()
+    elif how == "corrupt_meta":
+        (path / ckpt.META).write_text("{not json")
+    elif how == "garbage_trainer":
+        (path / ckpt.TRAINER).write_bytes(b"\0" * 100)
+    elif how == "truncated_optimizer":
+        data = (path / ckpt.OPTIMIZER).read_bytes()
+        (path / ckpt.OPTIMIZER).write_bytes(data[: len(data) // 2])
+
+
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, tiny_model_dir, oasst1_dir,
+                                                                       lmtune_log):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 6})
+    runner.train()
+    work = runner.work_dir
+    names = [p.name for p in ckpt.list_checkpoints(work)]
+    assert names == ["iter_2", "iter_4", "iter_6"]
+    for how in ("truncated_weights", "missing_trainer", "corrupt_meta", "garbage_trainer", "truncated_optimizer"):
+        copy = tmp_path / how
+        copy.mkdir()
+        for name in names:
+            import shutil
+
+            shutil.copytree(work / name, copy / name)
+        (copy / ckpt.POINTER).write_text("iter_6\n")
+        _corrupt(copy / "iter_6", how)
+        warnings: list[str] = []
+        assert ckpt.find_latest(copy, warn=warnings.append) == copy / "iter_4", how
+        assert len(warnings) == 1 and "iter_6" in warnings[0], (how, warnings)
+    # the runner reports it and resumes from the previous one
+    lmtune_log.clear()
+    resumed = Runner.from_config(runner.cfg, work_dir=str(tmp_path / "truncated_weights"), resume=True)
+    assert resumed.iter == 4
+    assert any("iter_6 is incomplete or corrupt" in m for m in lmtune_log), lmtune_log
+
+
+# ------------------------------------------------------------------ failing saves
+
+def _disk_full_on_third_save(monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the third checkpoint's optimizer state
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+
+
+def test_disk_full_stops_the_cli_run_with_a_clear_message(tmp_path, tiny_model_dir, oasst1_dir, capsys,
+                                                          monkeypatch):
+    _disk_full_on_third_save(monkeypatch)
+    work = tmp_path / "w"
+    code = main(["train", str(SEED_CFG), "--work-dir", str(work), "--cfg-options",
+                 *_cli_opts(tiny_model_dir, oasst1_dir)])
+    err = capsys.readouterr().err
+    assert code != 0, err
+    assert "saving checkpoint iter_6" in err and "No space left on device" in err and "--resume" in err, err
+    assert [p.name for p in ckpt.list_checkpoints(work)] == ["iter_2", "iter_4"]
+    assert ckpt.find_latest(work).name == "iter_4"
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_continue_on_error_logs_and_trains_on(tmp_path, tiny_model_dir, oasst1_dir, monkeypatch, lmtune_log):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir,
+                         **{"default_hooks.checkpoint.continue_on_error": True})
+    _disk_full_on_third_save(monkeypatch)
+    runner.train()
+    assert runner.iter == runner.max_iters == 12
+    names = [p.name for p in ckpt.list_checkpoints(runner.work_dir)]
+    assert names == ["iter_2", "iter_4", "iter_8", "iter_10", "iter_12"]
+    assert any("saving checkpoint iter_6" in m and "training continues" in m for m in lmtune_log)
+
+
+# ------------------------------------------------------------------ kill -9 at random moments
+
+def _cli_opts(model_dir, data_dir) -> list[str]:
+    return [f"pretrained_model_name_or_path={model_dir}", f"data_path={data_dir}", "max_length=64",
+            "train_cfg.max_epochs=None", "train_cfg.max_iters=12", "accumulative_counts=1", "save_steps=2",
+            "save_total_limit=-1", "lr=1e-3",
+            "model.llm.quantization_config=None", "model.llm.torch_dtype=torch.float32",
+            "model.lora.lora_dropout=0.0", "optim_wrapper.dtype='float32'",
+            "model.use_activation_checkpointing=False", "custom_hooks=[]", "randomness.seed=11"]
+
+
+def _train_cmd(model_dir, data_dir, work: Path, resume: bool) -> list[str]:
+    opts = _cli_opts(model_dir, data_dir)
+    return [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work),
+            *(["--resume"] if resume else []), "--cfg-options", *opts]
+
+
+def _env(slow: float = 0.0) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(ckpt.SLOW_SAVE_ENV, None)
+    if slow:
+        env[ckpt.SLOW_SAVE_ENV] = str(slow)
+    return env
+
+
+def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_model_dir, oasst1_dir):
+    rng = random.Random(1234)
+    reference = tmp_path / "reference"
+    subprocess.run(_train_cmd(tiny_model_dir, oasst1_dir, reference, False), env=_env(), check=True,
+                   capture_output=True, timeout=120)
+    final = ckpt.find_latest(reference)
+    assert final.name == "iter_12"
+    from safetensors.torch import load_file
+
+    expected = load_file(str(final / ckpt.WEIGHTS))
+
+    for trial in range(3):
+        work = tmp_path / f"trial{trial}"
+        during_save = trial == 2
+        # slow saves (a test hook) so that the kill can land inside one
+        proc = subprocess.Popen(_train_cmd(tiny_model_dir, oasst1_dir, work, False), env=_env(0.1),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if during_save:  # a save is in progress (its temporary directory exists) after one completed
+                if list(work.glob(".iter_*.tmp")) and list(work.glob("iter_*")):
+                    break
+            elif list(work.glob("*/scalars.jsonl")):  # training has begun
+                time.sleep(rng.uniform(0.0, 1.5))
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for path in work.glob("iter_*"):  # whatever the kill left: never an incomplete checkpoint
+            assert ckpt.verify_checkpoint(path) is None, path
+        for _ in range(3):
+            if ckpt.find_latest(work) is not None and ckpt.find_latest(work).name == "iter_12":
+                break
+            done = subprocess.run(_train_cmd(tiny_model_dir, oasst1_dir, work, True), env=_env(),
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+        for path in work.glob("iter_*"):
+            assert ckpt.verify_checkpoint(path) is None, path
+        got = load_file(str(ckpt.find_latest(work) / ckpt.WEIGHTS))
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=f"trial {trial}: {name}")

@@ -1,0 +1,150 @@
+"""Export and merge: checkpoints become PEFT adapters or full HF models with the trained logits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OASST1_ROWS, write_jsonl
+from safetensors.torch import load_file
+
+import lmtune
+from lmtune.config import Config, ConfigError
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.runner import Runner
+from lmtune.tools import convert
+
+SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+
+
+def _train(root: Path, model_dir: str, full: bool) -> tuple[Runner, Path]:
+    data = root / "oasst1"
+    write_jsonl(data / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 4)
+    nested = {"model.llm.quantization_config": None, "custom_hooks.1.max_new_tokens": 4}
+    if full:
+        nested["model.lora"] = None
+    cfg = Config.fromfile(SEED_CFG, dict(pretrained_model_name_or_path=model_dir, data_path=str(data),
+                                         max_length=96, max_epochs=1, accumulative_counts=1, lr=1e-2,
+                                         save_steps=1000, evaluation_freq=1000, evaluation_inputs=["Hi."],
+                                         **nested))
+    runner = Runner.from_config(cfg, work_dir=str(root / "work"), seed=1)
+    runner.train()
+    latest = ckpt.find_latest(runner.work_dir)
+    assert latest is not None
+    return runner, latest
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    return _train(tmp_path_factory.mktemp("lora"), tiny_model_dir, full=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir):
+    return _train(tmp_path_factory.mktemp("full"), tiny_model_dir, full=True)
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=IDS.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtune")
+    convert.add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _cli(*argv: str) -> int:
+    args = _parser().parse_args(list(argv))
+    return args.func(args)
+
+
+def test_lora_checkpoint_exports_as_peft_adapter(lora_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    runner, latest = lora_run
+    out = tmp_path / "adapter"
+    assert _cli("convert", "pth_to_hf", str(latest / "config.py"), str(latest), str(out)) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / convert.CONFIG_COPY).is_file()
+    info = json.loads((out / convert.EXPORT_INFO).read_text())
+    assert info["prompt_template"] == "internlm2_chat" and info["base_model"] == tiny_model_dir
+
+    trained = runner.unwrapped_model.llm
+    # the run loaded the base in its training dtype (float16 in the config, bfloat16 on the CPU)
+    dtype = trained.get_base_model().get_input_embeddings().weight.dtype
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+    loaded = PeftModel.from_pretrained(base, str(out)).float()
+    trained = trained.float()
+    torch.testing.assert_close(_logits(loaded), _logits(trained), atol=1e-5, rtol=1e-5)
+
+
+def test_full_checkpoint_exports_as_hf_model(full_run, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runner, latest = full_run
+    out = tmp_path / "full"
+    convert.pth_to_hf(None, latest, out, fp32=True)
+    assert (out / "config.json").is_file() and (out / convert.CONFIG_COPY).is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert next(model.parameters()).dtype == torch.float32
+    torch.testing.assert_close(_logits(model), _logits(runner.unwrapped_model.llm), atol=1e-5, rtol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(tiny_model_dir))
+
+    # without --fp32 the config's dtype (float16) is kept; shards respect --max-shard-size
+    half = tmp_path / "half"
+    assert _cli("convert", "pth_to_hf", str(latest / "config.py"), str(latest), str(half),
+                "--max-shard-size", "100KB") == 0
+    shards = sorted(half.glob("model*.safetensors"))
+    assert len(shards) > 1 and (half / "model.safetensors.index.json").is_file()
+    assert {t.dtype for f in shards for t in load_file(str(f)).values()} == {torch.float16}
+
+
+def test_merge_equals_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, latest = lora_run
+    adapter = convert.pth_to_hf(None, latest, tmp_path / "adapter")
+    merged_dir = tmp_path / "merged"
+    assert _cli("convert", "merge", tiny_model_dir, str(adapter), str(merged_dir), "--device", "cpu") == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    assert not any("lora_" in k for f in merged_dir.glob("*.safetensors") for k in load_file(str(f)))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                                              dtype=torch.float32), str(adapter))
+    torch.testing.assert_close(_logits(merged), _logits(reference), atol=1e-4, rtol=1e-4)
+    AutoTokenizer.from_pretrained(str(merged_dir))
+
+
+def test_merge_into_4bit_base_is_refused(lora_run, tiny_model_dir, tmp_path):
+    _, latest = lora_run
+    adapter = convert.pth_to_hf(None, latest, tmp_path / "adapter")
+    fake = tmp_path / "base4bit"
+    shutil.copytree(tiny_model_dir, fake)
+    config = json.loads((fake / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (fake / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="dequantized"):
+        convert.merge(fake, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_missing_or_incomplete_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        convert.pth_to_hf(str(SEED_CFG), tmp_path / "iter_9", tmp_path / "out")
+    broken = tmp_path / "iter_3"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="incomplete"):
+        convert.pth_to_hf(str(SEED_CFG), broken, tmp_path / "out")
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        convert.merge(tmp_path, tmp_path, tmp_path / "out")
