@@ -148,3 +148,28 @@ def test_missing_or_incomplete_checkpoint(tmp_path):
         convert.pth_to_hf(str(SEED_CFG), broken, tmp_path / "out")
     with pytest.raises(ConfigError, match="adapter_config.json"):
         convert.merge(tmp_path, tmp_path, tmp_path / "out")
+
+
+def test_hf_checkpoint_hook_exports_at_the_end_of_training(tmp_path, tiny_model_dir, oasst1_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.config import Config
+    from lmtune.engine.hooks import HFCheckpointHook
+    from lmtune.engine.runner import Runner
+
+    cfg = Config.fromfile(SEED_CFG, {"pretrained_model_name_or_path": tiny_model_dir, "data_path": oasst1_dir,
+                                     "max_length": 64, "max_epochs": 1, "accumulative_counts": 1,
+                                     "model.llm.quantization_config": None, "custom_hooks": [
+                                         dict(type=HFCheckpointHook, out_dir=str(tmp_path / "hf"))]})
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=0)
+    runner.train()
+    trained = runner.unwrapped_model.llm.eval()
+    ids = torch.tensor([[5, 9, 13, 17]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        # the spec config loads the base in float16, which becomes bfloat16 on a CPU
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=trained.get_base_model().dtype)
+        loaded = PeftModel.from_pretrained(base, str(tmp_path / "hf")).eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits.float(), expected.float(), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "hf" / "lmtune_export.json").is_file()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +104,9 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
               fp32: bool = False, max_shard_size: str = "2GB", safe_serialization: bool = True,
               cfg_options: dict[str, Any] | None = None) -> Path:
     """Export checkpoint ``checkpoint`` (an ``iter_N`` dir) of the run configured by ``config`` to ``save_dir``."""
-    import torch
     from safetensors.torch import load_file
 
     from lmtune.config import Config
-    from lmtune.engine.device import as_dtype
     from lmtune.model.sft import SupervisedFinetune
 
     ckpt_dir = _check_checkpoint(checkpoint)
@@ -128,8 +125,22 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     except TypeError as exc:
         raise ConfigError(f"model settings of {config} do not fit SupervisedFinetune: {exc}") from exc
     model.load_trainable_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
-    model.eval()
+    return export_model(model, cfg, Path(config).read_text(encoding="utf-8"), save_dir, fp32=fp32,
+                        max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+                        checkpoint=ckpt_dir)
 
+
+def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.PathLike, fp32: bool = False,
+                 max_shard_size: str = "2GB", safe_serialization: bool = True,
+                 checkpoint: Path | None = None) -> Path:
+    """Write a trained ``SupervisedFinetune`` as a PEFT adapter (LoRA/QLoRA) or a Hugging Face model with
+    its tokenizer (full), with the training config and ``lmtune_export.json`` (template, system prompt)."""
+    import torch
+
+    from lmtune.engine.device import as_dtype
+
+    model.eval()
+    model_cfg = dict(cfg.model)
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     if model.use_lora:
@@ -150,8 +161,9 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
         tokenizer_cfg = cfg.get("tokenizer") or model_cfg.get("tokenizer")
         _save_tokenizer(_base_model_path(cfg) or "", save_dir, tokenizer_cfg)
 
-    shutil.copyfile(config, save_dir / CONFIG_COPY)
-    info: dict[str, Any] = {"base_model": _base_model_path(cfg), "checkpoint": str(ckpt_dir.resolve()),
+    (save_dir / CONFIG_COPY).write_text(config_text, encoding="utf-8")
+    info: dict[str, Any] = {"base_model": _base_model_path(cfg),
+                            "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
                             "lora": bool(model.use_lora)}
     template = _template_name(cfg.get("prompt_template"))
     if template is not None:

@@ -8,10 +8,11 @@ from lmtune.engine.hooks.basic import (
 )
 from lmtune.engine.hooks.chat import DatasetInfoHook, EvaluateChatHook
 from lmtune.engine.hooks.checkpoint import CheckpointHook
+from lmtune.engine.hooks.hf_checkpoint import HFCheckpointHook
 from lmtune.engine.hooks.hook import Hook
 from lmtune.engine.hooks.logger import LoggerHook
 
 __all__ = [
-    "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EvaluateChatHook", "Hook", "IterTimerHook",
-    "LoggerHook", "ParamSchedulerHook", "VarlenAttnArgsToMessageHubHook",
+    "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EvaluateChatHook", "HFCheckpointHook", "Hook",
+    "IterTimerHook", "LoggerHook", "ParamSchedulerHook", "VarlenAttnArgsToMessageHubHook",
 ]

@@ -1,0 +1,38 @@
+"""HFCheckpointHook: one run directly yields a usable Hugging Face model or adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmtune.engine.dist import is_main_process
+from lmtune.engine.hooks.hook import Hook
+
+
+class HFCheckpointHook(Hook):
+    """At the end of the run, write the trained model to ``out_dir`` (default ``<work_dir>/hf``).
+
+    LoRA/QLoRA runs give a PEFT adapter dir, full fine-tuning a model dir with its
+    tokenizer, each with the training config and ``lmtune_export.json`` (so
+    ``lmtune chat`` uses the training template); the same as ``lmtune convert
+    pth_to_hf`` on the last checkpoint.
+    """
+
+    priority = "VERY_LOW"
+
+    def __init__(self, out_dir: str | None = None, fp32: bool = False, max_shard_size: str = "2GB",
+                 safe_serialization: bool = True) -> None:
+        self.out_dir = out_dir
+        self.fp32 = fp32
+        self.max_shard_size = max_shard_size
+        self.safe_serialization = safe_serialization
+
+    def after_run(self, runner) -> None:
+        if not is_main_process():
+            return
+        from lmtune.tools.convert import export_model
+
+        out_dir = Path(self.out_dir) if self.out_dir else runner.work_dir / "hf"
+        export_model(runner.unwrapped_model, runner.cfg, runner.config_text, out_dir, fp32=self.fp32,
+                     max_shard_size=self.max_shard_size, safe_serialization=self.safe_serialization)
+        runner.logger.info(f"Saved the Hugging Face {'adapter' if runner.unwrapped_model.use_lora else 'model'} "
+                           f"to {out_dir}")
