@@ -90,8 +90,7 @@ class OptimWrapper:
         self.skipped = not loss_finite or (not grad_finite and not self._skips_overflow_itself())
         if self.skipped:
             self.nonfinite_steps += 1
-            if getattr(self, "scaler", None) is not None:
-                self._after_step()  # the scaler was unscaled for this step: let it reset (and back off)
+            self._after_step()  # a loss scaler that unscaled this step resets (and backs off) here
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
         self.nonfinite_steps = 0
