@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -237,7 +238,23 @@ def _cli_opts(model_dir, data_dir) -> list[str]:
             "save_total_limit=-1", "lr=1e-3",
             "model.llm.quantization_config=None", "model.llm.torch_dtype=torch.float32",
             "model.lora.lora_dropout=0.0", "optim_wrapper.dtype='float32'",
-            "model.use_activation_checkpointing=False", "custom_hooks=[]", "randomness.seed=11"]
+            "model.use_activation_checkpointing=False", "custom_hooks=[]", "randomness.seed=11",
+            "default_hooks.logger.interval=1"]
+
+
+def _loss_trace(work: Path) -> dict[int, list[float]]:
+    """Every loss logged in every run (first and resumed) of ``work``, by iteration."""
+    trace: dict[int, list[float]] = {}
+    for log in sorted(work.glob("*/scalars.jsonl")):
+        lines = log.read_text().splitlines()
+        for number, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                assert number == len(lines) - 1, f"{log}: line {number + 1} is damaged"
+                continue  # the kill landed in the middle of the last line
+            trace.setdefault(row["iter"], []).append(row["loss"])
+    return trace
 
 
 def _train_cmd(model_dir, data_dir, work: Path, resume: bool) -> list[str]:
@@ -264,6 +281,8 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
     from safetensors.torch import load_file
 
     expected = load_file(str(final / ckpt.WEIGHTS))
+    expected_trace = _loss_trace(reference)
+    assert sorted(expected_trace) == list(range(1, 13))
 
     for trial in range(3):
         work = tmp_path / f"trial{trial}"
@@ -296,3 +315,10 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
         assert set(got) == set(expected)
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=f"trial {trial}: {name}")
+        # the loss of every iteration, in the killed run and in each resumed one (iterations after the
+        # last checkpoint run twice), equals the uninterrupted run's
+        trace = _loss_trace(work)
+        assert sorted(trace) == sorted(expected_trace), f"trial {trial}: iterations {sorted(trace)}"
+        for it, losses in trace.items():
+            for loss in losses:
+                assert abs(loss - expected_trace[it][0]) <= 1e-6, f"trial {trial}, iter {it}: {losses}"

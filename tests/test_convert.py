@@ -22,12 +22,15 @@ SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_ch
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
 
 
-def _train(root: Path, model_dir: str, full: bool) -> tuple[Runner, Path]:
+def _train(root: Path, model_dir: str, full: bool, qlora: bool = False) -> tuple[Runner, Path]:
     data = root / "oasst1"
     write_jsonl(data / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 4)
     nested = {"model.llm.quantization_config": None, "custom_hooks.1.max_new_tokens": 4}
     if full:
         nested["model.lora"] = None
+    if qlora:  # 4-bit base computing in fp32, so that reloading it gives the same logits
+        nested = {"custom_hooks.1.max_new_tokens": 4, "model.llm.torch_dtype": torch.float32,
+                  "model.llm.quantization_config.bnb_4bit_compute_dtype": torch.float32}
     cfg = Config.fromfile(SEED_CFG, dict(pretrained_model_name_or_path=model_dir, data_path=str(data),
                                          max_length=96, max_epochs=1, accumulative_counts=1, lr=1e-2,
                                          save_steps=1000, evaluation_freq=1000, evaluation_inputs=["Hi."],
@@ -47,6 +50,11 @@ def lora_run(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir):
     return _train(tmp_path_factory.mktemp("full"), tiny_model_dir, full=True)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, tiny_model_dir):
+    return _train(tmp_path_factory.mktemp("qlora"), tiny_model_dir, full=False, qlora=True)
 
 
 @torch.no_grad()
@@ -107,6 +115,20 @@ def test_full_checkpoint_exports_as_hf_model(full_run, tiny_model_dir, tmp_path)
     shards = sorted(half.glob("model*.safetensors"))
     assert len(shards) > 1 and (half / "model.safetensors.index.json").is_file()
     assert {t.dtype for f in shards for t in load_file(str(f)).values()} == {torch.float16}
+
+
+def test_full_export_never_reads_the_base_weights(full_run, tiny_model_dir, tmp_path):
+    # a full checkpoint holds every weight: export builds the model empty and assigns them, so a base
+    # directory with only its config (weights gone) exports the same model
+    runner, latest = full_run
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    options = {"pretrained_model_name_or_path": str(base)}
+    out = convert.pth_to_hf(latest / "config.py", latest, tmp_path / "out", fp32=True, cfg_options=options)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    torch.testing.assert_close(_logits(model), _logits(runner.unwrapped_model.llm), atol=1e-5, rtol=1e-5)
 
 
 def test_merge_equals_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
@@ -173,3 +195,51 @@ def test_hf_checkpoint_hook_exports_at_the_end_of_training(tmp_path, tiny_model_
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "hf")).eval()
         torch.testing.assert_close(loaded(input_ids=ids).logits.float(), expected.float(), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "hf" / "lmtune_export.json").is_file()
+
+
+def test_empty_build_reties_tied_embeddings(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model.sft import SupervisedFinetune
+    from lmtune.tools.tiny_model import make_tiny_llama
+
+    path = str(make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True))
+    llm_cfg = dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=path)
+    trained = SupervisedFinetune(llm=llm_cfg, use_activation_checkpointing=False)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    empty = convert._empty_llm(llm_cfg)
+    assert empty is not None and all(p.is_meta for p in empty.parameters())
+    rebuilt = SupervisedFinetune(llm=empty, use_activation_checkpointing=False)
+    rebuilt.load_trainable_state_dict(trained.trainable_state_dict(), assign=True)
+    head = rebuilt.llm.get_output_embeddings().weight
+    assert head.data_ptr() == rebuilt.llm.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(_logits(rebuilt.llm), _logits(trained.llm))
+
+
+def test_qlora_checkpoint_exports_an_adapter_that_loads_on_the_4bit_base(qlora_run, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lmtune.model.sft import _keep_4bit_weights_trainable
+    from lmtune.tools.chat import load_for_chat
+
+    runner, latest = qlora_run
+    out = tmp_path / "adapter"
+    assert _cli("convert", "pth_to_hf", str(latest / "config.py"), str(latest), str(out)) == 0
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quant)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    # compare on the same CPU 4-bit kernel: inference would otherwise repack the weights for a faster kernel
+    # whose rounding differs by ~1e-3
+    _keep_4bit_weights_trainable(loaded)
+    expected = _logits(runner.unwrapped_model.llm)
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
+    # `lmtune chat BASE --adapter OUT --bits 4` loads the same model
+    chat_model, _ = load_for_chat(tiny_model_dir, str(out), bits=4, torch_dtype="fp32")
+    _keep_4bit_weights_trainable(chat_model)
+    torch.testing.assert_close(_logits(chat_model), expected, atol=1e-5, rtol=1e-5)

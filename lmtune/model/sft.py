@@ -208,8 +208,24 @@ class SupervisedFinetune(nn.Module):
         """The weights a checkpoint holds: only what is trained (adapters for LoRA/QLoRA)."""
         return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True,
+                                  assign: bool = False) -> None:
+        """Load checkpoint weights. ``assign=True`` fills a model built with its parameters on the meta
+        device: every parameter must be in ``state``, and tied weights are tied again afterwards."""
+        if assign:
+            self._base_model().tie_weights()
         own = dict(self.named_parameters())
+        if assign:
+            missing = [n for n in own if n not in state]
+            if missing:
+                raise ConfigError(f"checkpoint lacks {len(missing)} weights of the model ({missing[:3]}): "
+                                  "it was not saved from a full fine-tuning run of this config")
+            self.load_state_dict({n: state[n] for n in own}, strict=False, assign=True)
+            self._base_model().tie_weights()
+            still_empty = [n for n, p in self.named_parameters() if p.is_meta]
+            if still_empty:
+                raise ConfigError(f"weights left unset after loading the checkpoint: {still_empty[:3]}")
+            return
         missing = [n for n, p in own.items() if p.requires_grad and n not in state]
         unexpected = [n for n in state if n not in own]
         if strict and (missing or unexpected):

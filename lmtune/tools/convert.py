@@ -120,14 +120,52 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     model_cfg = dict(cfg.model)
     model_cfg.pop("type", None)
     model_cfg["use_activation_checkpointing"] = False
+    # full fine-tuning: the checkpoint holds every weight, so the base weights are never read
+    skeleton = _empty_llm(model_cfg.get("llm")) if model_cfg.get("lora") is None and not model_cfg.get(
+        "peft_model") else None
+    if skeleton is not None:
+        model_cfg["llm"] = skeleton
+        model_cfg.pop("max_position_embeddings", None)
     try:
         model = SupervisedFinetune(**model_cfg)
     except TypeError as exc:
         raise ConfigError(f"model settings of {config} do not fit SupervisedFinetune: {exc}") from exc
-    model.load_trainable_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    model.load_trainable_state_dict(load_file(str(ckpt_dir / "model.safetensors")), assign=skeleton is not None)
     return export_model(model, cfg, Path(config).read_text(encoding="utf-8"), save_dir, fp32=fp32,
                         max_shard_size=max_shard_size, safe_serialization=safe_serialization,
                         checkpoint=ckpt_dir)
+
+
+def _empty_llm(llm_cfg: Any) -> Any:
+    """The model of ``llm_cfg`` (a ``from_pretrained`` dict) with its parameters on the meta device, or None.
+
+    Buffers (rotary frequencies and the like) are real; the parameters cost nothing until a
+    full checkpoint is assigned to them. None where the model cannot be built this way
+    (quantized, not a ``from_pretrained`` dict, or a config that transformers cannot read).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.config import is_type_dict
+
+    if not is_type_dict(llm_cfg) or getattr(llm_cfg["type"], "__name__", "") != "from_pretrained":
+        return None
+    kwargs = {k: v for k, v in llm_cfg.items() if k != "type"}
+    if kwargs.get("quantization_config") is not None:
+        return None
+    path = kwargs.pop("pretrained_model_name_or_path", None)
+    if path is None:
+        return None
+    for loader_only in ("dtype", "torch_dtype", "device_map", "quantization_config", "low_cpu_mem_usage",
+                        "attn_implementation", "use_safetensors", "weights_only", "offload_folder"):
+        kwargs.pop(loader_only, None)
+    trust = bool(kwargs.get("trust_remote_code", False))
+    try:
+        config = AutoConfig.from_pretrained(str(path), **kwargs)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.PathLike, fp32: bool = False,
