@@ -210,3 +210,19 @@ def test_default_prompt_template(tmp_path, tokenizer):
     (adapter / "lmtune_export.json").write_text(json.dumps(record), encoding="utf-8")
     assert default_prompt_template(tokenizer, adapter, tmp_path) == record["prompt_template"]
     assert default_prompt_template(type("T", (), {"chat_template": None})(), None, tmp_path / "x") is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cli_loads_the_model_quantized(tiny_model_dir, model, answers, capsys, bits):
+    import bitsandbytes as bnb
+
+    loaded, _ = chat_mod.load_for_chat(tiny_model_dir, bits=bits, torch_dtype="fp32")
+    layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    assert sum(isinstance(m, layer) for m in loaded.modules()) == 14  # 7 linear layers in each of 2 blocks
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+    with torch.no_grad():
+        quantized, full = loaded(input_ids=ids).logits, model(input_ids=ids).logits
+    # quantization error, not a different model: the logits stay strongly correlated
+    assert torch.corrcoef(torch.stack([quantized.flatten(), full.flatten()]))[0, 1] > 0.95
+    assert _run(["chat", tiny_model_dir, "--bits", str(bits), "--max-new-tokens", "3", "--prompt", "Hi"]) == 0
+    assert len(answers) == 1 and capsys.readouterr().out == answers[0] + "\n"

@@ -131,14 +131,15 @@ def test_full_export_never_reads_the_base_weights(full_run, tiny_model_dir, tmp_
     torch.testing.assert_close(_logits(model), _logits(runner.unwrapped_model.llm), atol=1e-5, rtol=1e-5)
 
 
-def test_merge_equals_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_merge_equals_base_plus_adapter(lora_run, tiny_model_dir, tmp_path, device):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, latest = lora_run
     adapter = convert.pth_to_hf(None, latest, tmp_path / "adapter")
     merged_dir = tmp_path / "merged"
-    assert _cli("convert", "merge", tiny_model_dir, str(adapter), str(merged_dir), "--device", "cpu") == 0
+    assert _cli("convert", "merge", tiny_model_dir, str(adapter), str(merged_dir), "--device", device) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
     assert not any("lora_" in k for f in merged_dir.glob("*.safetensors") for k in load_file(str(f)))
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir,
