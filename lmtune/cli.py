@@ -32,16 +32,21 @@ def resolve_config(name: str) -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if int(os.environ.get("NPROC_PER_NODE", "1")) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-            or args.launcher != "none" or args.deepspeed:
-        raise ConfigError("multi-process training (NPROC_PER_NODE, --launcher, --deepspeed) is not "
-                          "available in this version of lmtune yet; run on one device")
-    cfg = _load(args)
+    from lmtune.engine import launch
+
+    if launch.wants_relaunch(args.launcher):
+        return launch.relaunch(args.argv)
+    cfg = _load(args)  # a broken config fails before any process group waits for peers
+    launch.init_distributed(args.launcher)
     from lmtune.engine.runner import Runner
 
-    runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
-                                resume=args.resume if args.resume is not None else None)
-    runner.train()
+    try:
+        runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
+                                    resume=args.resume if args.resume is not None else None,
+                                    strategy=args.strategy, deepspeed=args.deepspeed)
+        runner.train()
+    finally:
+        launch.destroy_distributed()
     return 0
 
 
@@ -90,8 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed (overrides randomness.seed)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="resume from the newest checkpoint in the work dir, or from PATH")
-    train.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none")
-    train.add_argument("--deepspeed", help="DeepSpeed config name or JSON path")
+    train.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none",
+                       help="how the processes were started: none (NPROC_PER_NODE=N re-launches under torchrun), "
+                            "pytorch (by torchrun) or slurm (by srun)")
+    train.add_argument("--deepspeed", metavar="NAME|JSON",
+                       help="train with DeepSpeed: a built-in config (deepspeed_zero1, deepspeed_zero2, "
+                            "deepspeed_zero2_offload, deepspeed_zero3, deepspeed_zero3_offload) or a JSON path")
+    train.add_argument("--strategy", choices=["ddp", "fsdp2"],
+                       help="how several processes share the work: ddp (default) or fsdp2 (sharded full "
+                            "fine-tuning)")
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     train.set_defaults(func=_train)
 
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``iter_N`` in the work dir:
 
 - ``model.safetensors``: the trained weights (only adapters for LoRA/QLoRA);
-- ``optimizer.pt``: optimizer, loss scaler and scheduler states;
+- ``optimizer.pt``: optimizer, loss scaler and scheduler states; under FSDP2 one
+  ``optimizer.rank<R>.pt`` per rank instead (``meta.json`` says how many);
 - ``trainer_state.pt``: loop position and RNG states;
 - ``meta.json``: lmtune version, config digest, seed, iteration, written last.
 
@@ -74,11 +75,32 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _remove_leftovers(work_dir: Path) -> None:
-    """Temporary directories of saves that were killed midway (one writer per work dir)."""
+def optimizer_shard_name(rank: int) -> str:
+    return f"optimizer.rank{rank}.pt"
+
+
+def staged_shard_path(work_dir: Path, name: str, rank: int) -> Path:
+    """Where rank ``rank`` writes its optimizer shard before rank 0 moves it into checkpoint ``name``."""
+    return Path(work_dir) / f".{name}.rank{rank}.shard.tmp"
+
+
+def write_staged_shard(work_dir: Path, name: str, rank: int, state: Any) -> Path:
+    path = staged_shard_path(work_dir, name, rank)
+    torch.save(state, path)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return path
+
+
+def _remove_leftovers(work_dir: Path, keep: set[Path] = frozenset()) -> None:
+    """Temporary files and directories of saves that were killed midway (one writer per work dir)."""
     for path in work_dir.glob(".*_*.tmp"):
-        if path.is_dir() and path.name.startswith((".iter_", ".epoch_")):
+        if path in keep or not path.name.startswith((".iter_", ".epoch_")):
+            continue
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        elif path.name.endswith(".shard.tmp"):
+            path.unlink(missing_ok=True)
     for path in work_dir.glob(".*.old"):
         if path.is_dir() and path.name.startswith((".iter_", ".epoch_")):
             shutil.rmtree(path, ignore_errors=True)
@@ -86,16 +108,19 @@ def _remove_leftovers(work_dir: Path) -> None:
 
 def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
                     optimizer_state: dict | None, trainer_state: dict, meta: dict,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, move_in: dict[str, Path] | None = None) -> Path:
     """Write checkpoint ``name`` atomically and point ``last_checkpoint`` at it.
 
-    ``extra_files`` (name -> text) are written alongside, e.g. the effective config.
+    ``extra_files`` (name -> text) are written alongside, e.g. the effective config;
+    ``move_in`` (name -> path) are files already written (other ranks' optimizer shards)
+    that are moved into the checkpoint before it is renamed into place.
     """
     from safetensors.torch import save_file
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(work_dir)
+    move_in = dict(move_in or {})
+    _remove_leftovers(work_dir, keep=set(move_in.values()))
     final = work_dir / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=work_dir))
     umask = os.umask(0)
@@ -104,6 +129,8 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
     try:
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
+        for file_name, source in move_in.items():
+            os.replace(source, tmp / file_name)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
         _test_slow_save()
         if optimizer_state is not None:
@@ -126,6 +153,8 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
         _fsync_dir(work_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for source in move_in.values():
+            Path(source).unlink(missing_ok=True)
         raise
     write_text_atomic(work_dir / POINTER, name + "\n")
     return final
@@ -177,7 +206,9 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
-        int(json.loads((path / META).read_text(encoding="utf-8"))["iter"])
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        int(meta["iter"])
+        shards = int(meta.get("optimizer_shards") or 0)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         return f"{META} is unreadable ({exc})"
     try:
@@ -188,12 +219,17 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         torch.load(path / TRAINER, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
         return f"{TRAINER} is unreadable ({type(exc).__name__}: {exc})"
+    archives = [path / optimizer_shard_name(r) for r in range(shards)]
     if (path / OPTIMIZER).exists():
+        archives.append(path / OPTIMIZER)
+    for archive_path in archives:
+        if not archive_path.is_file():
+            return f"{archive_path.name} is missing"
         try:
-            with zipfile.ZipFile(path / OPTIMIZER) as archive:
+            with zipfile.ZipFile(archive_path) as archive:
                 archive.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
-            return f"{OPTIMIZER} is corrupt ({exc})"
+            return f"{archive_path.name} is corrupt ({exc})"
     return None
 
 
@@ -239,8 +275,11 @@ def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = No
     return removed
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint directory: ``weights``, ``optimizer`` (or None), ``trainer``, ``meta``."""
+def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
+    """Read a checkpoint directory: ``weights``, ``optimizer`` (or None), ``trainer``, ``meta``.
+
+    Of a checkpoint with per-rank optimizer shards, ``optimizer`` is the shard of ``rank``
+    (None when the checkpoint has no shard for it)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -248,10 +287,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"checkpoint not found: {path} (expected a directory such as work_dirs/cfg/iter_500)")
     if not is_complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (no {META}); pick another one")
-    optimizer = path / OPTIMIZER
+    meta = json.loads((path / META).read_text())
+    optimizer = path / (optimizer_shard_name(rank) if meta.get("optimizer_shards") else OPTIMIZER)
     return {
         "weights": load_file(str(path / WEIGHTS)),
         "optimizer": torch.load(optimizer, weights_only=True) if optimizer.is_file() else None,
         "trainer": torch.load(path / TRAINER, weights_only=True),
-        "meta": json.loads((path / META).read_text()),
+        "meta": meta,
     }

@@ -141,6 +141,8 @@ class EvaluateChatHook(Hook):
                               else (eos[0] if eos else 0))
                 if stop_words:
                     kwargs.update(stop_strings=stop_words, tokenizer=tokenizer)
+                if getattr(runner.strategy, "shards_params", False):
+                    kwargs["synced_gpus"] = True  # every rank takes part in each forward until all are done
                 kwargs.update(self.generation_kwargs)
                 with runner.optim_wrapper.optim_context():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
@@ -55,20 +53,16 @@ class CheckpointHook(Hook):
         self.continue_on_error = bool(continue_on_error)
         self._pending = False
 
-    @staticmethod
-    def _nonfinite_params(runner) -> list[str]:
-        return [name for name, p in runner.unwrapped_model.named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
 
     def _save(self, runner) -> None:
         self._pending = False
         if runner.last_saved_iter == runner.completed_iters:
             return
-        bad = self._nonfinite_params(runner)
+        bad, example = runner.strategy.count_nonfinite(runner.unwrapped_model)  # every rank decides alike
         if bad:
-            runner.logger.warning(f"not saving a checkpoint at iteration {runner.completed_iters}: {len(bad)} "
-                                  f"trainable tensors hold NaN/inf (e.g. {bad[0]}); the previous checkpoints "
-                                  "are kept as they are")
+            runner.logger.warning(f"not saving a checkpoint at iteration {runner.completed_iters}: {bad} "
+                                  f"trainable tensors hold NaN/inf (e.g. {example or 'on another rank'}); the "
+                                  "previous checkpoints are kept as they are")
             return
         try:
             path = runner.save_checkpoint(out_dir=self.out_dir, save_optimizer=self.save_optimizer)

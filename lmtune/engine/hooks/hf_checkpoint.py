@@ -27,12 +27,22 @@ class HFCheckpointHook(Hook):
         self.safe_serialization = safe_serialization
 
     def after_run(self, runner) -> None:
-        if not is_main_process():
-            return
-        from lmtune.tools.convert import export_model
+        from lmtune.engine import checkpoint as ckpt
+        from lmtune.tools.convert import export_model, pth_to_hf
 
         out_dir = Path(self.out_dir) if self.out_dir else runner.work_dir / "hf"
-        export_model(runner.unwrapped_model, runner.cfg, runner.config_text, out_dir, fp32=self.fp32,
-                     max_shard_size=self.max_shard_size, safe_serialization=self.safe_serialization)
-        runner.logger.info(f"Saved the Hugging Face {'adapter' if runner.unwrapped_model.use_lora else 'model'} "
-                           f"to {out_dir}")
+        kind = "adapter" if runner.unwrapped_model.use_lora else "model"
+        options = dict(fp32=self.fp32, max_shard_size=self.max_shard_size,
+                       safe_serialization=self.safe_serialization)
+        if runner.strategy.shards_params or runner.strategy.name == "deepspeed":
+            # the weights are sharded (or in DeepSpeed's hands): export the final checkpoint, which holds
+            # them gathered; every rank helps to write it if the run did not save at its last iteration
+            if runner.last_saved_iter != runner.completed_iters:
+                runner.save_checkpoint(save_optimizer=False)
+            if is_main_process():
+                latest = ckpt.find_latest(runner.work_dir)
+                pth_to_hf(latest / "config.py", latest, out_dir, **options)
+        elif is_main_process():
+            export_model(runner.unwrapped_model, runner.cfg, runner.config_text, out_dir, **options)
+        if is_main_process():
+            runner.logger.info(f"Saved the Hugging Face {kind} to {out_dir}")

@@ -71,6 +71,8 @@ class OptimWrapper:
             norm = torch.nn.utils.clip_grad_norm_(params, **self.clip_grad)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients, summed over ranks
+            norm = norm.full_tensor()
         return float(norm)
 
     def _optimizer_step(self) -> None:

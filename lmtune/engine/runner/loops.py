@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 
@@ -125,13 +124,15 @@ class TrainLoop:
             runner.call_hook("before_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch)
             inputs = {key: value.to(runner.device) if torch.is_tensor(value) else value
                       for key, value in batch.items()}
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with runner.strategy.micro_batch(model, last):
                 with optim.optim_context():
                     out = model(**inputs)
                 optim.backward(out["loss_sum"] * scale)
-            outputs = {"loss": out["loss"].item(), "loss_sum": out["loss_sum"].item(),
-                       "num_tokens": int(out["num_tokens"])}
+            loss_sum, num_tokens = out["loss_sum"].detach().float(), out["num_tokens"].detach().float()
+            if get_world_size() > 1:  # the logged loss is that of all ranks' tokens, as in one process
+                loss_sum, num_tokens = all_reduce_sum(torch.stack([loss_sum, num_tokens])).unbind()
+            outputs = {"loss": float(loss_sum / num_tokens.clamp(min=1)), "loss_sum": float(loss_sum),
+                       "num_tokens": int(num_tokens)}
             loss_finite = loss_finite and math.isfinite(outputs["loss_sum"])
             if last:
                 outputs["grad_norm"] = optim.step(loss_finite=loss_finite)

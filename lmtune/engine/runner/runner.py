@@ -22,7 +22,7 @@ from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.device import default_device
-from lmtune.engine.dist import barrier, is_main_process
+from lmtune.engine.dist import all_reduce_sum, barrier, get_rank, get_world_size, is_distributed, is_main_process
 from lmtune.engine.hooks import (
     CheckpointHook,
     DistSamplerSeedHook,
@@ -34,6 +34,7 @@ from lmtune.engine.hooks import (
 from lmtune.engine.hooks.hook import priority_value
 from lmtune.engine.optim import OptimWrapper
 from lmtune.engine.runner.loops import TrainLoop
+from lmtune.engine.strategies import build_strategy
 
 logger = logging.getLogger("lmtune")
 
@@ -60,7 +61,7 @@ PACKING_LEAK_TOLERANCE = 0.02
 # absent) is a typo: without this check `param_schedulr = [...]` would silently train without a schedule.
 RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
                "default_hooks", "custom_hooks", "env_cfg", "visualizer", "log_level", "load_from", "resume",
-               "randomness", "log_processor", "work_dir", "launcher", "default_scope"}
+               "randomness", "log_processor", "work_dir", "launcher", "default_scope", "strategy"}
 
 
 def check_top_level_keys(cfg: dict) -> None:
@@ -142,7 +143,8 @@ class Runner:
     """
 
     def __init__(self, cfg: Config, work_dir: str | None = None, seed: int | None = None,
-                 resume: bool | str | None = None, load_from: str | None = None) -> None:
+                 resume: bool | str | None = None, load_from: str | None = None, strategy: Any = None,
+                 deepspeed: str | None = None) -> None:
         self.cfg = cfg
         self.device = default_device()
         self.message_hub = MessageHub()
@@ -164,7 +166,7 @@ class Runner:
         resume = cfg.get("resume", False) if resume is None else resume
         load_from = load_from or cfg.get("load_from")
         self.resume_from = self._resume_path(resume, load_from)
-        self._resume_state = ckpt.load_checkpoint(self.resume_from) if self.resume_from else None
+        self._resume_state = ckpt.load_checkpoint(self.resume_from, rank=get_rank()) if self.resume_from else None
         randomness = dict(cfg.get("randomness") or {})
         if self._resume_state is not None:  # the resumed run is the same run: same seed, same data order
             saved = int(self._resume_state["trainer"]["seed"])
@@ -174,14 +176,27 @@ class Runner:
         self.seed = self._choose_seed(seed if seed is not None else randomness.get("seed"))
         set_random_seed(self.seed, bool(randomness.get("deterministic", False)))
         self.config_text = self._dump_config(name, randomness)
+        self.strategy = build_strategy(cfg, self.device, strategy, deepspeed)
         self.logger.info(f"lmtune {lmtune.__version__}  work_dir: {self.work_dir}  seed: {self.seed}  "
-                         f"device: {self.device}")
+                         f"device: {self.device}  strategy: {self.strategy.name}  world size: {get_world_size()}")
 
         # hooks first: their settings are checked before any data or weights are loaded
         self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))
-        self.model = self._build_model(cfg.get("model"))
+        self.strategy.before_model(cfg)
+        model = self._build_model(cfg.get("model"))
+        # checkpoint weights go into the plain model, before it is wrapped or sharded
+        if self._resume_state is not None:
+            self._check_strategy(self.resume_from, self._resume_state)
+            self.strategy.load_trainable_state_dict(model, self._resume_state["weights"])
+            if hasattr(self.strategy, "keep_masters"):
+                self.strategy.keep_masters(self._resume_state["weights"])
+        elif load_from:
+            self.strategy.load_trainable_state_dict(model, ckpt.load_checkpoint(load_from)["weights"])
+            self.logger.info(f"Loaded weights from {load_from}")
+        self.model = self.strategy.wrap_model(model)
         self.optim_wrapper = self._build_optim_wrapper(cfg.get("optim_wrapper"))
+        self.model, self.optim_wrapper = self.strategy.prepare(self.model, self.optim_wrapper, self)
         self.param_schedulers = self._build_schedulers(cfg.get("param_scheduler"))
         train_cfg = dict(cfg.get("train_cfg") or {})
         train_cfg.pop("by_epoch", None)
@@ -189,9 +204,7 @@ class Runner:
         self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader)
 
         if self._resume_state is not None:
-            self._apply_checkpoint(self.resume_from, self._resume_state, resume=True)
-        elif load_from:
-            self.load_checkpoint(load_from, resume=False)
+            self._apply_training_state(self.resume_from, self._resume_state)
         self._resume_state = None
 
     def _dump_config(self, name: str, randomness: dict) -> str:
@@ -220,17 +233,28 @@ class Runner:
         return cls(cfg, **kwargs)
 
     def _new_log_dir(self) -> tuple[str, Path]:
-        """A fresh ``<work_dir>/<timestamp>`` for this run's logs; never shared with an earlier run."""
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        for n in range(1000):
-            name = stamp if n == 0 else f"{stamp}_{n}"
-            try:
-                (self.work_dir / name).mkdir()
-                return name, self.work_dir / name
-            except FileExistsError:
-                continue
-        raise ConfigError(f"cannot create a log directory in {self.work_dir}")
+        """A fresh ``<work_dir>/<timestamp>`` for this run's logs; never shared with an earlier run.
+
+        Rank 0 creates it and tells the other ranks its name."""
+        name = None
+        if is_main_process():
+            stamp = time.strftime("%Y%m%d_%H%M%S")
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            for n in range(1000):
+                candidate = stamp if n == 0 else f"{stamp}_{n}"
+                try:
+                    (self.work_dir / candidate).mkdir()
+                    name = candidate
+                    break
+                except FileExistsError:
+                    continue
+        if is_distributed():
+            box = [name]
+            torch.distributed.broadcast_object_list(box, src=0)
+            name = box[0]
+        if name is None:
+            raise ConfigError(f"cannot create a log directory in {self.work_dir}")
+        return name, self.work_dir / name
 
     # -- building --------------------------------------------------------
     def _choose_seed(self, seed: int | None) -> int:
@@ -275,9 +299,13 @@ class Runner:
         if cfg is None:
             raise ConfigError("the config has no model")
         model = build(cfg, key="model")
-        if not getattr(model, "quantized", False):
+        zero3 = getattr(self.strategy, "stage", 0) == 3
+        if not getattr(model, "quantized", False) and not zero3:
             model.to(self.device)
-        self._check_packing(model)
+        if zero3:
+            self.logger.info("packing check skipped under ZeRO-3 (the weights are already sharded)")
+        else:
+            self._check_packing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self.logger.info(f"Model: {trainable:,} trainable of {total:,} parameters "
@@ -381,27 +409,64 @@ class Runner:
 
     # -- checkpoints -----------------------------------------------------
     def save_checkpoint(self, out_dir: str | None = None, save_optimizer: bool = True) -> Path | None:
-        """Write ``iter_N`` (N = completed iterations) atomically; returns its path on rank 0."""
+        """Write ``iter_N`` (N = completed iterations) atomically; returns its path on rank 0.
+
+        Every rank calls it: the strategy gathers the weights (and optimizer state) from all
+        ranks; rank 0 writes, together with the optimizer shard of each rank under FSDP2.
+        An error on any rank raises on every rank, and nothing is left half-written.
+        """
         step = self.completed_iters
+        work_dir = Path(out_dir or self.work_dir)
+        name = f"iter_{step}"
+        weights = self.strategy.trainable_state_dict(self.model)
         optimizer_state = None
         if save_optimizer:
-            optimizer_state = {"optim_wrapper": self.optim_wrapper.state_dict(),
-                               "param_schedulers": [s.state_dict() for s in self.param_schedulers]}
+            optimizer_state = self.strategy.optimizer_state_dict(self.optim_wrapper)
+            if optimizer_state is not None:
+                optimizer_state = {"optim_wrapper": optimizer_state,
+                                   "param_schedulers": [s.state_dict() for s in self.param_schedulers]}
         trainer = {"loop": self.train_loop.state_dict(), "rng": rng_state(), "seed": self.seed}
         meta = {"lmtune_version": lmtune.__version__, "iter": step, "epoch": self.train_loop.epoch,
                 "seed": self.seed, "config_sha256": hashlib.sha256(self.config_text.encode()).hexdigest(),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "strategy": self.strategy.name,
+                "world_size": get_world_size()}
+        shards: dict[str, Path] = {}
+        if save_optimizer and self.strategy.sharded_optimizer:
+            meta["optimizer_shards"] = get_world_size()
+            shards = {ckpt.optimizer_shard_name(r): ckpt.staged_shard_path(work_dir, name, r)
+                      for r in range(get_world_size())}
+            optimizer_state = self._stage_shard(work_dir, name, optimizer_state)
         checkpoint = {"meta": meta, "trainer": trainer}
         self.call_hook("before_save_checkpoint", checkpoint=checkpoint)
-        path = None
+        path, error = None, None
         if is_main_process():
-            path = ckpt.save_checkpoint(out_dir or self.work_dir, f"iter_{step}",
-                                        self.unwrapped_model.trainable_state_dict(), optimizer_state,
-                                        trainer, meta, extra_files={"config.py": self.config_text})
-            self.logger.info(f"Saved checkpoint {path}")
-        barrier()
+            try:
+                path = ckpt.save_checkpoint(work_dir, name, weights, optimizer_state, trainer, meta,
+                                            extra_files={"config.py": self.config_text}, move_in=shards)
+                self.logger.info(f"Saved checkpoint {path}")
+            except Exception as exc:  # noqa: BLE001 - told to every rank, raised on every rank
+                error = exc
+        self._raise_on_any_rank(error)
         self.last_saved_iter = step
         return path
+
+    def _stage_shard(self, work_dir: Path, name: str, state: dict | None) -> None:
+        """Each rank writes its optimizer shard next to the checkpoint-to-be; rank 0 moves them in."""
+        error = None
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_staged_shard(work_dir, name, get_rank(), state)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        self._raise_on_any_rank(error)
+        return None
+
+    def _raise_on_any_rank(self, error: Exception | None) -> None:
+        failed = int(all_reduce_sum(torch.tensor(int(error is not None), device=self.device)))
+        if error is not None:
+            raise error
+        if failed:
+            raise OSError(f"{failed} other rank(s) failed while saving the checkpoint (see their messages)")
 
     def _resume_path(self, resume: bool | str, load_from: str | None) -> Path | None:
         """The checkpoint to resume from: a given path, ``load_from`` or the newest in the work dir."""
@@ -415,22 +480,42 @@ class Runner:
             self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
         return found
 
-    def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
-        """Load weights (``resume=False``) or the whole training state of a checkpoint."""
-        self._apply_checkpoint(Path(path), ckpt.load_checkpoint(path), resume)
+    def _check_strategy(self, path: Path, state: dict) -> None:
+        """A checkpoint's optimizer state resumes under an engine that stores it the same way."""
+        saved = state["meta"].get("strategy", "single")
+        family = {"single": "torch", "ddp": "torch"}
+        if family.get(saved, saved) != family.get(self.strategy.name, self.strategy.name):
+            raise ConfigError(f"{path} was saved under {saved} and this run uses {self.strategy.name}: its optimizer "
+                              f"state cannot be resumed here. Resume under {saved}, or use load_from={str(path)!r} "
+                              "to start from its weights")
+        shards = state["meta"].get("optimizer_shards")
+        if shards and int(shards) != get_world_size():
+            raise ConfigError(f"{path} holds optimizer state sharded over {shards} processes; resume with {shards} "
+                              f"processes (this run has {get_world_size()}), or use load_from to start from its "
+                              "weights")
 
-    def _apply_checkpoint(self, path: Path, state: dict, resume: bool) -> None:
+    def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
+        """Load weights (``resume=False``) or the whole training state of a built runner."""
+        state = ckpt.load_checkpoint(path, rank=get_rank())
+        if resume:
+            self._check_strategy(Path(path), state)
+        if self.strategy.shards_params or self.model is not self.unwrapped_model:
+            raise ConfigError("load_checkpoint after the model is wrapped or sharded is not supported; pass "
+                              "resume=/load_from= to the Runner instead")
         self.unwrapped_model.load_trainable_state_dict(state["weights"])
-        if not resume:
+        if resume:
+            self._apply_training_state(Path(path), state)
+        else:
             self.logger.info(f"Loaded weights from {path}")
-            return
+
+    def _apply_training_state(self, path: Path, state: dict) -> None:
         if state["optimizer"] is None:
             raise ConfigError(f"{path} was saved without optimizer state and cannot be resumed; "
                               "use load_from to start from its weights")
         digest = hashlib.sha256(self.config_text.encode()).hexdigest()
         if state["meta"].get("config_sha256") not in (None, digest):
             self.logger.warning(f"the config differs from the one {path} was trained with; resuming anyway")
-        self.optim_wrapper.load_state_dict(state["optimizer"]["optim_wrapper"])
+        self.strategy.load_optimizer_state_dict(self.optim_wrapper, state["optimizer"]["optim_wrapper"])
         for scheduler, s_state in zip(self.param_schedulers, state["optimizer"]["param_schedulers"]):
             scheduler.load_state_dict(s_state)
         self.train_loop.load_state_dict(state["trainer"]["loop"])

@@ -1,0 +1,311 @@
+"""Several processes on this CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO through `lmtune train`.
+
+Each run is `NPROC_PER_NODE=2 lmtune train ...`, so the re-launch under torchrun is part of
+every test. Runs are tiny (4-6 iterations of a 2-layer model) and fp32 where exactness is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OASST1_ROWS, write_jsonl
+from safetensors.torch import load_file
+
+import lmtune
+from lmtune.config import ConfigError
+from lmtune.engine import checkpoint as ckpt
+from lmtune.engine import launch
+from lmtune.engine.deepspeed_config import builtin_deepspeed_configs, resolve_deepspeed_config
+
+SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
+HAS_DEEPSPEED = True
+try:
+    import deepspeed  # noqa: F401
+except ImportError:
+    HAS_DEEPSPEED = False
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed (extra 'deepspeed')")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("dist_data")
+    write_jsonl(root / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 4)
+    return str(root / "oasst1")
+
+
+def _opts(model_dir: str, data_dir: str, iters: int = 4, full: bool = False, **extra) -> list[str]:
+    opts = {"pretrained_model_name_or_path": model_dir, "data_path": data_dir, "max_length": 64,
+            "train_cfg.max_epochs": None, "train_cfg.max_iters": iters, "accumulative_counts": 1,
+            "save_steps": 2, "save_total_limit": -1, "lr": 1e-3, "model.llm.quantization_config": None,
+            "model.llm.torch_dtype": "torch.float32", "optim_wrapper.dtype": "'float32'", "custom_hooks": [],
+            "randomness.seed": 11, "default_hooks.logger.interval": 1, "batch_size": 1}
+    if full:
+        opts["model.lora"] = None
+    else:
+        opts["model.lora.lora_dropout"] = 0.0
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def _env(nproc: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC_PER_NODE=str(nproc))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    return env
+
+
+def train(work: Path, opts: list[str], *flags: str, nproc: int = 2, check: bool = True,
+          timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work), *flags,
+           "--cfg-options", *opts]
+    done = subprocess.run(cmd, env=_env(nproc), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    return done
+
+
+def losses(work: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for log in sorted(work.glob("*/scalars.jsonl")):
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            out[row["iter"]] = row["loss"]
+    return out
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / ckpt.WEIGHTS))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert set(a) == set(b) and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def resume_from_middle(work: Path, resumed: Path, opts: list[str], *flags: str) -> None:
+    """Copy ``iter_2`` of a finished run and resume from it; the result equals the finished run."""
+    resumed.mkdir()
+    os.system(f"cp -r {work / 'iter_2'} {resumed}")
+    train(resumed, opts, "--resume", *flags)
+    assert_same_weights(weights(ckpt.find_latest(resumed)), weights(ckpt.find_latest(work)), atol=1e-6)
+    first = losses(work)
+    for it, value in losses(resumed).items():
+        assert it > 2 and abs(value - first[it]) <= 1e-6, (it, value, first[it])
+
+
+# ------------------------------------------------------------------ DDP
+
+def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_model_dir, data_dir):
+    opts = _opts(tiny_model_dir, data_dir)
+    train(tmp_path / "two", opts, nproc=2)
+    train(tmp_path / "one", opts + ["batch_size=2"], nproc=1)
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert json.loads((ckpt.find_latest(two) / ckpt.META).read_text())["strategy"] == "ddp"
+    assert_same_weights(weights(ckpt.find_latest(two)), weights(ckpt.find_latest(one)), atol=1e-5)
+    # the logged loss is the mean over both ranks' tokens, as in the single process
+    l2, l1 = losses(two), losses(one)
+    assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
+    for it in l1:
+        assert abs(l2[it] - l1[it]) <= 1e-5, (it, l2[it], l1[it])
+    # resuming a DDP run continues it exactly
+    resume_from_middle(two, tmp_path / "resumed", opts)
+
+
+# ------------------------------------------------------------------ FSDP2
+
+def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_dir, data_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.tools.convert import pth_to_hf
+
+    opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2)
+    work = tmp_path / "fsdp"
+    train(work, opts, "--strategy", "fsdp2")
+    latest = ckpt.find_latest(work)
+    assert sorted(p.name for p in latest.glob("optimizer*")) == ["optimizer.rank0.pt", "optimizer.rank1.pt"]
+    # sharded training equals one process with the doubled batch
+    train(tmp_path / "one", opts + ["batch_size=2"], nproc=1)
+    assert_same_weights(weights(latest), weights(ckpt.find_latest(tmp_path / "one")), atol=1e-5)
+    resume_from_middle(work, tmp_path / "resumed", opts, "--strategy", "fsdp2")
+
+    # the sharded optimizer state resumes with the same number of processes only, and says so
+    other = tmp_path / "other"
+    other.mkdir()
+    os.system(f"cp -r {work / 'iter_2'} {other}")
+    done = train(other, opts, "--resume", "--strategy", "fsdp2", nproc=1, check=False)
+    assert done.returncode == 2 and "sharded over 2 processes" in done.stderr, done.stderr[-2000:]
+
+    out = pth_to_hf(None, latest, tmp_path / "hf", fp32=True)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    state = weights(latest)
+    torch.testing.assert_close(model.model.embed_tokens.weight, state["llm.model.embed_tokens.weight"])
+
+
+# ------------------------------------------------------------------ DeepSpeed
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
+                                  "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, name):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.tools.convert import pth_to_hf
+
+    opts = _opts(tiny_model_dir, data_dir, iters=6, lr=1e-2)
+    work = tmp_path / "work"
+    train(work, opts, "--deepspeed", name)
+    trace = losses(work)
+    assert sorted(trace) == list(range(1, 7))
+    assert (trace[5] + trace[6]) / 2 < (trace[1] + trace[2]) / 2, trace  # it learns
+    meta = json.loads((ckpt.find_latest(work) / ckpt.META).read_text())
+    assert meta["strategy"] == "deepspeed" and meta["world_size"] == 2
+    state = weights(ckpt.find_latest(work))
+    assert state and all("lora_" in k for k in state)
+    assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+    resume_from_middle(work, tmp_path / "resumed", opts, "--deepspeed", name)
+
+    adapter = pth_to_hf(None, ckpt.find_latest(work), tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(adapter))
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert saved and len(saved) == len(state)  # the adapter holds the trained (gathered) values
+    assert sorted(float(v.double().sum()) for v in saved.values()) == pytest.approx(
+        sorted(float(v.double().sum()) for v in state.values()))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in loaded.named_parameters())
+
+    if name == "deepspeed_zero2":  # a DeepSpeed checkpoint's optimizer state resumes under DeepSpeed only
+        done = train(tmp_path / "plain", opts, "--resume", str(ckpt.find_latest(work)), nproc=1, check=False)
+        assert done.returncode == 2 and "saved under deepspeed" in done.stderr, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ DeepSpeed config rules
+
+def _cfg(**optim) -> dict:
+    from lmtune.engine.optim import AmpOptimWrapper
+
+    return {"train_dataloader": {"batch_size": 4},
+            "optim_wrapper": {"type": AmpOptimWrapper, "accumulative_counts": 8, "dtype": "float16",
+                              "clip_grad": {"max_norm": 1.0}, **optim}}
+
+
+def test_builtin_deepspeed_configs_are_shipped():
+    assert set(builtin_deepspeed_configs()) == {"deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
+                                                "deepspeed_zero3", "deepspeed_zero3_offload"}
+
+
+def test_lmtune_config_wins_over_the_json(tmp_path, caplog):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": "auto",
+                                "gradient_clipping": 0.5, "bf16": {"enabled": False}, "fp16": {"enabled": True},
+                                "optimizer": {"type": "Adam"},
+                                "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with caplog.at_level("WARNING", logger="lmtune"):
+        ds, source = resolve_deepspeed_config(str(path), _cfg(), torch.device("cpu"), world_size=2)
+    assert source == str(path)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 8
+    assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 4 * 8 * 2
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False  # bf16 on the CPU
+    assert "optimizer" not in ds and ds["zero_optimization"] == {"stage": 2}
+    text = caplog.text
+    for key in ("train_micro_batch_size_per_gpu=16", "gradient_clipping=0.5", "bf16.enabled=False",
+                "fp16.enabled=True", "'optimizer' section is ignored"):
+        assert key in text, key
+    assert "gradient_accumulation_steps" not in text  # "auto" is filled in silently
+
+
+def test_deepspeed_precision_and_bad_input(tmp_path):
+    from lmtune.engine.optim import OptimWrapper
+
+    ds, _ = resolve_deepspeed_config("deepspeed_zero3", _cfg(type=OptimWrapper), torch.device("cpu"), 1)
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # a plain OptimWrapper trains in fp32
+    assert ds["gradient_clipping"] == 1.0
+    ds, _ = resolve_deepspeed_config("deepspeed_zero2_offload", {"optim_wrapper": {}}, torch.device("cpu"), 1)
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["gradient_clipping"] == 0.0
+    with pytest.raises(ConfigError, match="deepspeed_zero2"):
+        resolve_deepspeed_config("deepspeed_zero", _cfg(), torch.device("cpu"), 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
+    with pytest.raises(ConfigError, match=r"bad.json, line 2"):
+        resolve_deepspeed_config(str(bad), _cfg(), torch.device("cpu"), 1)
+
+
+# ------------------------------------------------------------------ launching
+
+def test_slurm_environment_mapping():
+    assert launch.expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert launch.expand_nodelist("a1") == ["a1"]
+    env = launch.slurm_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                    "SLURM_NODELIST": "gpu-[3-4]", "PORT": "29811"})
+    assert env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-3",
+                   "MASTER_PORT": "29811"}
+    with pytest.raises(ConfigError, match="srun"):
+        launch.slurm_environment({"SLURM_PROCID": "0"})
+
+
+def test_torchrun_command_from_the_environment():
+    cmd = launch.torchrun_command(["train", "cfg.py"], {"NPROC_PER_NODE": "8"})
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=8" in cmd and "--nnodes=1" in cmd and cmd[-4:] == ["train", "cfg.py", "--launcher",
+                                                                               "pytorch"]
+    assert any(a.startswith("--master_port=") and int(a.split("=")[1]) > 0 for a in cmd)
+    multi = launch.torchrun_command(["train"], {"NPROC_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
+                                                "ADDR": "10.0.0.1", "PORT": "29500"})
+    assert "--node_rank=1" in multi and "--master_addr=10.0.0.1" in multi and "--master_port=29500" in multi
+    with pytest.raises(ConfigError, match="ADDR"):
+        launch.torchrun_command(["train"], {"NNODES": "2", "PORT": "1"})
+    with pytest.raises(ConfigError, match="NODE_RANK"):
+        launch.torchrun_command(["train"], {"NNODES": "2", "NODE_RANK": "2", "ADDR": "x", "PORT": "1"})
+    assert not launch.wants_relaunch("none", {"NPROC_PER_NODE": "2", "LOCAL_RANK": "0"})  # already a worker
+    assert launch.wants_relaunch("none", {"NPROC_PER_NODE": "2"})
+    assert not launch.wants_relaunch("slurm", {"NPROC_PER_NODE": "2"})
+
+
+def test_slurm_launcher_runs_one_task(tmp_path, tiny_model_dir, data_dir):
+    env = _env(1)
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_NODELIST="localhost",
+               MASTER_PORT=str(launch.free_port()))
+    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(tmp_path / "w"),
+           "--launcher", "slurm", "--cfg-options", *_opts(tiny_model_dir, data_dir, iters=2)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ckpt.find_latest(tmp_path / "w").name == "iter_2"
+
+
+FAILING_HOOK = '''
+
+from lmtune.engine.hooks import Hook
+
+
+class FailOnRankOne(Hook):
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1 and runner.iter == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+
+
+custom_hooks = [dict(type=FailOnRankOne)]
+'''
+
+
+def test_a_failing_rank_ends_the_run_promptly(tmp_path, tiny_model_dir, data_dir):
+    config = tmp_path / "failing.py"
+    config.write_text(SEED_CFG.read_text() + FAILING_HOOK)
+    opts = [o for o in _opts(tiny_model_dir, data_dir, iters=50) if not o.startswith("custom_hooks")]
+    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(config), "--work-dir", str(tmp_path / "w"),
+           "--cfg-options", *opts]
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=_env(2), capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose" in done.stderr
+    assert elapsed < 90, elapsed  # torchrun stops the waiting rank; no collective timeout (30 min) is awaited
