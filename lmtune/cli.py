@@ -34,9 +34,9 @@ def resolve_config(name: str) -> Path:
 def _train(args: argparse.Namespace) -> int:
     from lmtune.engine import launch
 
+    cfg = _load(args)  # a broken config fails here, once, before any process starts or waits for peers
     if launch.wants_relaunch(args.launcher):
         return launch.relaunch(args.argv)
-    cfg = _load(args)  # a broken config fails before any process group waits for peers
     launch.init_distributed(args.launcher)
     from lmtune.engine.runner import Runner
 

@@ -62,13 +62,34 @@ def _env(nproc: int) -> dict:
 
 
 def train(work: Path, opts: list[str], *flags: str, nproc: int = 2, check: bool = True,
-          timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work), *flags,
+          timeout: float = 240, config: Path = SEED_CFG) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(config), "--work-dir", str(work), *flags,
            "--cfg-options", *opts]
     done = subprocess.run(cmd, env=_env(nproc), capture_output=True, text=True, timeout=timeout)
     if check:
         assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
     return done
+
+
+@pytest.fixture(scope="module")
+def hooks_cfg(tmp_path_factory) -> Path:
+    """The seed config with its chat hook and a HFCheckpointHook: both must work on sharded weights."""
+    path = tmp_path_factory.mktemp("cfg") / "with_hf_hook.py"
+    path.write_text(SEED_CFG.read_text() + "\nfrom lmtune.engine.hooks import HFCheckpointHook\n"
+                    "custom_hooks.append(dict(type=HFCheckpointHook))\n")
+    return path
+
+
+def with_hooks(opts: list[str]) -> list[str]:
+    return [o for o in opts if not o.startswith("custom_hooks=")] + [
+        "evaluation_freq=2", "evaluation_inputs=['Hi']", "custom_hooks.1.max_new_tokens=4"]
+
+
+def check_hooks(work: Path, kind: str) -> None:
+    answers = [json.loads(line) for log in work.glob("*/eval_chat.jsonl") for line in log.read_text().splitlines()]
+    assert [a["when"] for a in answers][:2] == ["before training", "iter 2"] and answers[-1]["when"] == "after training"
+    marker = "adapter_config.json" if kind == "adapter" else "config.json"
+    assert (work / "hf" / marker).is_file()
 
 
 def losses(work: Path) -> dict[int, float]:
@@ -121,14 +142,15 @@ def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_mode
 
 # ------------------------------------------------------------------ FSDP2
 
-def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_dir, data_dir):
+def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, hooks_cfg):
     from transformers import AutoModelForCausalLM
 
     from lmtune.tools.convert import pth_to_hf
 
     opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2)
     work = tmp_path / "fsdp"
-    train(work, opts, "--strategy", "fsdp2")
+    train(work, with_hooks(opts), "--strategy", "fsdp2", config=hooks_cfg)
+    check_hooks(work, "model")  # generation and export work on sharded weights
     latest = ckpt.find_latest(work)
     assert sorted(p.name for p in latest.glob("optimizer*")) == ["optimizer.rank0.pt", "optimizer.rank1.pt"]
     # sharded training equals one process with the doubled batch
@@ -154,7 +176,7 @@ def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_
 @needs_deepspeed
 @pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
                                   "deepspeed_zero3", "deepspeed_zero3_offload"])
-def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, name):
+def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, hooks_cfg, name):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +184,12 @@ def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, d
 
     opts = _opts(tiny_model_dir, data_dir, iters=6, lr=1e-2)
     work = tmp_path / "work"
-    train(work, opts, "--deepspeed", name)
+    if name == "deepspeed_zero3":
+        done = train(work, with_hooks(opts), "--deepspeed", name, config=hooks_cfg)
+        check_hooks(work, "adapter")
+        assert "ZeRO-3: 21 of 49 weights were sharded as they loaded" in done.stdout  # frozen base + LoRA added later
+    else:
+        train(work, opts, "--deepspeed", name)
     trace = losses(work)
     assert sorted(trace) == list(range(1, 7))
     assert (trace[5] + trace[6]) / 2 < (trace[1] + trace[2]) / 2, trace  # it learns

@@ -235,6 +235,10 @@ class DeepSpeedStrategy(Strategy):
             from transformers.integrations import HfDeepSpeedConfig
 
             deepspeed.init_distributed(auto_mpi_discovery=False)  # adopts lmtune's process group
+            quant = cfg.get("model", {}).get("llm", {}).get("quantization_config")
+            if isinstance(quant, dict) and quant.get("load_in_4bit") and "bnb_4bit_quant_storage" not in quant:
+                # ZeRO-3 shards flat tensors of one dtype: 4-bit weights are stored packed in the compute dtype
+                quant["bnb_4bit_quant_storage"] = quant.get("bnb_4bit_compute_dtype") or torch.bfloat16
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
 

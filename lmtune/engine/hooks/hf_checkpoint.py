@@ -39,6 +39,9 @@ class HFCheckpointHook(Hook):
             # them gathered; every rank helps to write it if the run did not save at its last iteration
             if runner.last_saved_iter != runner.completed_iters:
                 runner.save_checkpoint(save_optimizer=False)
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # the export builds a plain model in this process, not a ZeRO-3 one
             if is_main_process():
                 latest = ckpt.find_latest(runner.work_dir)
                 pth_to_hf(latest / "config.py", latest, out_dir, **options)

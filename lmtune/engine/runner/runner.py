@@ -303,7 +303,9 @@ class Runner:
         if not getattr(model, "quantized", False) and not zero3:
             model.to(self.device)
         if zero3:
-            self.logger.info("packing check skipped under ZeRO-3 (the weights are already sharded)")
+            sharded = sum(hasattr(p, "ds_id") for p in model.parameters())
+            self.logger.info(f"ZeRO-3: {sharded} of {len(list(model.parameters()))} weights were sharded as they "
+                             "loaded (packing check skipped: it needs the whole model)")
         else:
             self._check_packing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
