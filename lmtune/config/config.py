@@ -25,6 +25,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from lmtune.config.aliases import config_builtins, make_import
 from lmtune.config.build import check_kwargs, import_dotted, is_type_dict, resolve_callable
 from lmtune.config.configdict import ConfigDict
 from lmtune.config.errors import ConfigError, nearest
@@ -229,6 +230,9 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
         raise ConfigError(f"--cfg-options: {path} has no top-level setting {name!r}{nearest(name, known)}")
     namespace: dict[str, Any] = {"__file__": str(path.resolve()), "__name__": "__lmtune_config__",
                                  _OVERRIDE_VAR: overrides}
+    # imports of xtuner.* / mmengine.* resolve to lmtune while this file runs; relative imports load base configs
+    load_base = lambda base: _run_config(base, base.read_text(encoding="utf-8"), {})  # noqa: E731
+    namespace["__builtins__"] = config_builtins(make_import(path.resolve(), load_base))
     code = compile(tree, str(path), "exec")
     sys.path.insert(0, str(path.parent.resolve()))
     try:
@@ -243,8 +247,35 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     finally:
         sys.path.remove(str(path.parent.resolve()))
     skip = _imported_names(tree)
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and k not in skip and not isinstance(v, types.ModuleType)}
+    result = {k: v for k, v in namespace.items()
+              if not k.startswith("_") and k not in skip and not isinstance(v, types.ModuleType)}
+    if namespace.get("_base_"):
+        result = _inherit(path, namespace["_base_"], result)
+    return result
+
+
+def _inherit(path: Path, bases: Any, own: dict[str, Any]) -> dict[str, Any]:
+    """MMEngine's ``_base_ = [...]``: the base files' settings, with this file's merged over them
+    (dicts merge key by key unless the child's has ``_delete_=True``)."""
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: _base_ file {base} not found (looked at {base_path})")
+        merged = _merge(merged, _run_config(base_path, base_path.read_text(encoding="utf-8"), {}))
+    return _merge(merged, own)
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.get("_delete_"):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and value.get("_delete_"):
+            out[key] = {k: v for k, v in value.items() if k != "_delete_"}
+        else:
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- dumping

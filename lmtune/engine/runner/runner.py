@@ -61,7 +61,8 @@ PACKING_LEAK_TOLERANCE = 0.02
 # absent) is a typo: without this check `param_schedulr = [...]` would silently train without a schedule.
 RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
                "default_hooks", "custom_hooks", "env_cfg", "visualizer", "log_level", "load_from", "resume",
-               "randomness", "log_processor", "work_dir", "launcher", "default_scope", "strategy"}
+               "randomness", "log_processor", "work_dir", "launcher", "default_scope", "strategy",
+               "sequence_parallel_size", "model_resource"}
 
 
 def check_top_level_keys(cfg: dict) -> None:
@@ -156,6 +157,11 @@ class Runner:
         barrier()
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
         check_top_level_keys(cfg)
+        sp_size = cfg.get("sequence_parallel_size", 1)
+        if sp_size not in (None, 1):
+            raise ConfigError(f"sequence_parallel_size={sp_size}: lmtune does not split sequences across devices; "
+                              "set sequence_parallel_size = 1 (long sequences: use ZeRO-3 or FSDP2 with activation "
+                              "checkpointing)")
         env_cfg = dict(cfg.get("env_cfg") or {})
         torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
         self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")

@@ -1,0 +1,1 @@
+"""Parallelism beyond data parallel. Only the names XTuner configs import live here."""
