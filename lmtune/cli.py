@@ -34,7 +34,7 @@ def resolve_config(name: str) -> Path:
 def _train(args: argparse.Namespace) -> int:
     from lmtune.engine import launch
 
-    cfg = _load(args)  # a broken config fails here, once, before any process starts or waits for peers
+    cfg = _load(args, fetch_model=False)  # a broken config fails here, once, before any process starts
     if launch.wants_relaunch(args.launcher):
         return launch.relaunch(args.argv)
     launch.init_distributed(args.launcher)
@@ -50,10 +50,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, fetch_model: bool = True):
+    """The config of ``args``; ``fetch_model`` runs its ``model_resource`` download (training leaves that to
+    the Runner, where rank 0 downloads and the other ranks wait)."""
     from lmtune.config import Config, parse_overrides
 
-    return Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    if fetch_model:
+        from lmtune.config.model_resource import apply_model_resource
+
+        cfg = apply_model_resource(cfg)
+    return cfg
 
 
 def _check_dataset(args: argparse.Namespace) -> int:
@@ -122,10 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     formats = sub.add_parser("list-dataset-format", help="list the dataset formats (map functions)")
     formats.set_defaults(func=_list_dataset_format)
 
-    from lmtune.tools import chat, convert
+    from lmtune.tools import cfg_tools, chat, check, convert
 
     convert.add_parser(sub)
     chat.add_parser(sub)
+    cfg_tools.add_parser(sub)  # list-cfg, copy-cfg
+    check.add_parser(sub)
     return parser
 
 

@@ -162,3 +162,32 @@ def test_sequence_parallel_above_one_stops_before_any_work(tmp_path, tiny_model_
     with pytest.raises(ConfigError, match="sequence_parallel_size=4"):
         Runner.from_config(cfg, work_dir=str(tmp_path / "work"))
     assert not list((tmp_path / "work").glob("iter_*"))
+
+
+def test_mmengine_registry_names_batch_sampler_and_missing_hub_packages(tmp_path, tiny_model_dir, oasst1_dir):
+    # what XTuner's InternLM-repo and ModelScope configs write: a string scheduler type, an MMEngine
+    # batch_sampler dict, and a top-level import of ModelScope (not installed here)
+    extra = """
+from torch.utils.data import BatchSampler
+from modelscope.msdatasets import MsDataset
+train_dataloader['batch_sampler'] = dict(type=BatchSampler, drop_last=True, batch_size=2)
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
+                   dict(type='CosineAnnealingLR', eta_min=0.0, by_epoch=False, begin=2, end=4)]
+ms_loader = MsDataset.load
+"""
+    assert importlib.util.find_spec("modelscope") is None
+    cfg = Config.fromfile(xtuner_shaped(tmp_path, extra), {
+        "pretrained_model_name_or_path": tiny_model_dir, "data_path": oasst1_dir, "max_length": 64,
+        "train_cfg.max_epochs": None, "train_cfg.max_iters": 4, "model.llm.quantization_config": None,
+        "custom_hooks": []})
+    with pytest.raises(ConfigError, match="pip install modelscope"):
+        cfg.ms_loader("some/dataset")
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    from lmtune.engine.optim import CosineAnnealingLR, LinearLR
+
+    assert [type(s) for s in runner.param_schedulers] == [LinearLR, CosineAnnealingLR]
+    batch_sampler = runner.train_dataloader.batch_sampler
+    assert batch_sampler.batch_size == 2 and batch_sampler.drop_last
+    assert len(runner.train_dataloader) == len(runner.train_dataloader.dataset) // 2
+    runner.train()
+    assert ckpt.find_latest(runner.work_dir).name == "iter_4"

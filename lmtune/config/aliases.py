@@ -42,6 +42,42 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
 
 ALIASED_PACKAGES = ("xtuner", "mmengine")
 
+# Optional download/hub packages some configs import at the top. When one is not installed the config
+# still loads; what it names fails when it is built (called), saying what to install.
+OPTIONAL_PACKAGES = {"modelscope": "pip install modelscope", "openmind": "pip install openmind",
+                     "openmind_hub": "pip install openmind_hub"}
+
+
+class _Missing:
+    """Stands for a name from an optional package that is not installed; calling it explains."""
+
+    def __init__(self, dotted: str, hint: str) -> None:
+        self._dotted, self._hint = dotted, hint
+
+    def __getattr__(self, name: str) -> _Missing:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Missing(f"{self._dotted}.{name}", self._hint)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from lmtune.config.errors import ConfigError
+
+        raise ConfigError(f"{self._dotted} is needed by this config but its package is not installed: "
+                          f"{self._hint}")
+
+    def __repr__(self) -> str:
+        return f"<{self._dotted} (not installed)>"
+
+
+def _optional_module(name: str, fromlist: Any) -> types.ModuleType:
+    top = name.split(".")[0]
+    shim = types.ModuleType(name)
+    for attr in fromlist or ():
+        setattr(shim, attr, _Missing(f"{name}.{attr}", OPTIONAL_PACKAGES[top]))
+    if not fromlist:
+        shim = types.ModuleType(top)
+    return shim
+
 
 @contextlib.contextmanager
 def read_base() -> Iterator[None]:
@@ -116,6 +152,13 @@ def make_import(config_path: Path, load_base: Callable[[Path], dict[str, Any]]) 
                 return shim
             return _base_module(target.with_suffix(".py"), load_base)
         top = name.split(".")[0]
+        if top in OPTIONAL_PACKAGES:
+            try:
+                return real_import(name, globals, locals, fromlist, level)
+            except ModuleNotFoundError as exc:
+                if exc.name is None or exc.name.split(".")[0] != top:
+                    raise
+                return _optional_module(name, fromlist)
         if top not in ALIASED_PACKAGES:
             return real_import(name, globals, locals, fromlist, level)
         if not fromlist:  # `import xtuner.dataset`: the top-level name, with its submodules as attributes

@@ -27,7 +27,7 @@ def resolve_callable(ref: Any, key: str | None = None) -> Callable:
     if callable(ref):
         return ref
     if isinstance(ref, str):
-        obj = import_dotted(ref)
+        obj = import_dotted(ref) if "." in ref else registry_name(ref)
         if obj is not None:
             return obj
     where = f" at {key!r}" if key else ""
@@ -35,6 +35,21 @@ def resolve_callable(ref: Any, key: str | None = None) -> Callable:
         f"type={ref!r}{where} is not a callable or an importable dotted path "
         "(write the class or function itself, e.g. type=AutoTokenizer.from_pretrained)"
     )
+
+
+# Where a bare name in ``type="LinearLR"`` (an MMEngine registry name, as some XTuner configs write it)
+# is looked up: lmtune's components under the names MMEngine registers.
+REGISTRY_MODULES = ("lmtune.engine.optim", "lmtune.engine.hooks", "lmtune.engine.runner", "lmtune.dataset",
+                    "lmtune.model", "torch.optim")
+
+
+def registry_name(name: str) -> Any | None:
+    """The lmtune component an MMEngine registry name such as ``'LinearLR'`` or ``'AdamW'`` stands for."""
+    for module_name in REGISTRY_MODULES:
+        obj = getattr(importlib.import_module(module_name), name, None)
+        if callable(obj):
+            return obj
+    return None
 
 
 def import_dotted(path: str) -> Any | None:

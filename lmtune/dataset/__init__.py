@@ -2,6 +2,15 @@
 
 from lmtune.dataset.concat import ConcatDataset
 from lmtune.dataset.huggingface import process_hf_dataset
+from lmtune.dataset.intern_repo import (
+    build_packed_dataset,
+    load_intern_repo_tokenized_dataset,
+    load_intern_repo_untokenized_dataset,
+)
+from lmtune.dataset.modelscope import process_ms_dataset
+from lmtune.dataset.moss import MOSSSFTDataset
 from lmtune.dataset.samplers import DefaultSampler
 
-__all__ = ["ConcatDataset", "DefaultSampler", "process_hf_dataset"]
+__all__ = ["ConcatDataset", "DefaultSampler", "MOSSSFTDataset", "build_packed_dataset",
+           "load_intern_repo_tokenized_dataset", "load_intern_repo_untokenized_dataset", "process_hf_dataset",
+           "process_ms_dataset"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sized
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from lmtune.config.errors import ConfigError
 from lmtune.engine.dist import get_rank, get_world_size
 
 
@@ -63,3 +65,34 @@ class DefaultSampler(Sampler[int]):
     def skip(self, num_indices: int) -> None:
         """Make the next iteration start after its first ``num_indices`` indices."""
         self._skip = num_indices
+
+
+class InternRepoSampler(DefaultSampler):
+    """XTuner's sampler for InternLM-repo (packed) datasets: the order XTuner and InternLM train in.
+
+    Epoch ``e`` visits the rows in the order of ``numpy.random.RandomState(seed + e)``'s
+    permutation; the last ``len(dataset) % world_size`` rows of that order are left out
+    (every rank gets ``len(dataset) // world_size`` rows, no row is repeated), and rank
+    ``r`` takes every ``world_size``-th row starting at ``r``. ``seed`` defaults to 1024,
+    the seed XTuner always uses; unlike XTuner another seed given here is honoured.
+    ``set_epoch`` and ``skip`` work as in :class:`DefaultSampler`, so a run resumes mid-epoch.
+    """
+
+    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int | None = None) -> None:
+        super().__init__(dataset, shuffle=shuffle, seed=1024 if seed is None else seed, round_up=False)
+        self.num_samples = len(dataset) // self.world_size
+        self.total_size = self.num_samples * self.world_size
+        if len(dataset) and not self.num_samples:
+            raise ConfigError(f"InternRepoSampler: the dataset has {len(dataset)} rows, fewer than the "
+                              f"{self.world_size} ranks; every rank needs at least one")
+
+    def _indices(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = np.random.RandomState(self.seed + self.epoch).permutation(n).tolist()
+        else:
+            order = list(range(n))
+        return order[self.rank : self.total_size : self.world_size]
+
+
+InternlmRepoSampler = InternRepoSampler  # XTuner's older (deprecated) name

@@ -76,11 +76,14 @@ class TrainLoop:
         return runner.model
 
     def _batches(self) -> Iterator[dict]:
-        sampler = getattr(self.dataloader, "sampler", None)
+        # the sampler and batch size behind the dataloader's batch sampler (its own or the config's)
+        batch_sampler = getattr(self.dataloader, "batch_sampler", None)
+        sampler = getattr(batch_sampler, "sampler", None) or getattr(self.dataloader, "sampler", None)
+        batch_size = getattr(batch_sampler, "batch_size", None) or self.dataloader.batch_size
         if self.iter_in_epoch:
             if not hasattr(sampler, "skip"):
                 raise ConfigError("resuming mid-epoch needs a sampler with skip() (use DefaultSampler)")
-            sampler.skip(self.iter_in_epoch * self.dataloader.batch_size)
+            sampler.skip(self.iter_in_epoch * batch_size)
         return iter(self.dataloader)
 
     def run_epoch(self) -> None:

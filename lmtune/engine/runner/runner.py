@@ -146,6 +146,9 @@ class Runner:
     def __init__(self, cfg: Config, work_dir: str | None = None, seed: int | None = None,
                  resume: bool | str | None = None, load_from: str | None = None, strategy: Any = None,
                  deepspeed: str | None = None) -> None:
+        from lmtune.config.model_resource import apply_model_resource
+
+        cfg = apply_model_resource(cfg)  # download before anything is built; rank 0 downloads, the others wait
         self.cfg = cfg
         self.device = default_device()
         self.message_hub = MessageHub()
@@ -290,6 +293,15 @@ class Runner:
             fn = resolve_callable(collate_cfg.pop("type"), "train_dataloader.collate_fn")
             check_kwargs(fn, collate_cfg, "train_dataloader.collate_fn")
             collate = partial(fn, **collate_cfg)
+        batch_sampler = cfg.pop("batch_sampler", None)
+        if batch_sampler is not None:  # MMEngine style: batch_sampler=dict(type=BatchSampler, batch_size=...)
+            bs_cfg = dict(batch_sampler) if isinstance(batch_sampler, dict) else batch_sampler
+            if isinstance(bs_cfg, dict):
+                bs_cfg.setdefault("batch_size", cfg.get("batch_size", 1))
+                bs_cfg.setdefault("drop_last", bool(cfg.get("drop_last", False)))
+                batch_sampler = build(bs_cfg, key="train_dataloader.batch_sampler", sampler=sampler)
+            for key in ("batch_size", "shuffle", "drop_last"):
+                cfg.pop(key, None)
         workers = int(cfg.get("num_workers", 0))
         if not workers:
             cfg.pop("persistent_workers", None)
@@ -299,6 +311,8 @@ class Runner:
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         check_kwargs(DataLoader.__init__, cfg, "train_dataloader")
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, generator=generator, **cfg)
         return DataLoader(dataset, sampler=sampler, collate_fn=collate, generator=generator, **cfg)
 
     def _build_model(self, cfg: Any) -> torch.nn.Module:
