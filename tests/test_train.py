@@ -293,3 +293,28 @@ def test_crash_during_save_leaves_previous_checkpoints_intact(tmp_path, tiny_mod
     assert (work / ckpt.POINTER).read_text().strip() == "iter_4"
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
     assert not (work / "iter_6").exists()
+
+
+def test_a_run_stopped_by_max_iters_mid_epoch_continues_that_epoch(tmp_path, tiny_model_dir, oasst1_dir):
+    # constant lr (no schedule), so a longer run and a stopped-then-extended run see the same lr
+    common = {"param_scheduler": None, "accumulative_counts": 1, "save_steps": 100, "evaluation_freq": 100,
+              "default_hooks.logger.interval": 1, "train_cfg.max_epochs": None,
+              "model.llm.quantization_config": None, "model.llm.torch_dtype": torch.float32,
+              "model.lora.lora_dropout": 0.0, "optim_wrapper.dtype": "float32"}
+    full = make_runner(tmp_path / "full", tiny_model_dir, oasst1_dir, nested={**common, "train_cfg.max_iters": 6})
+    assert full.train_loop.iters_per_epoch > 6  # the stop at 3 falls inside the first epoch
+    full.train()
+    first = make_runner(tmp_path / "part", tiny_model_dir, oasst1_dir, nested={**common, "train_cfg.max_iters": 3})
+    first.train()
+    assert first.train_loop.epoch == 0 and first.train_loop.iter_in_epoch == 3
+    cfg = Config.fromfile(SEED_CFG, {**seed_overrides(tiny_model_dir, oasst1_dir), **common,
+                                     "train_cfg.max_iters": 6})
+    resumed = Runner.from_config(cfg, work_dir=str(first.work_dir), seed=1, resume=True)
+    assert resumed.iter == 3
+    resumed.train()
+    assert resumed.iter == 6
+    expected = {r["iter"]: r["loss"] for r in scalars(full)}
+    got = {r["iter"]: r["loss"] for r in scalars(resumed)}
+    assert sorted(got) == [4, 5, 6]
+    for it, loss in got.items():
+        assert abs(loss - expected[it]) < 1e-6, (it, loss, expected[it])

@@ -1,15 +1,25 @@
-"""LoggerHook: progress lines on the console and every scalar in a JSONL file."""
+"""LoggerHook: progress lines on the console, every scalar in a JSONL file (and any visualizer), a progress
+bar on a terminal and the curves of the run at its end."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
+import os
+import shutil
 import sys
+import time
+from typing import Any
 
 import torch
 
 from lmtune.engine.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
+
+# throughput figures another hook may put in the message hub (or the loop in its outputs): logged when present
+THROUGHPUT_KEYS = ("tokens_per_sec", "tflops", "mfu")
+THROUGHPUT_FORMATS = {"tokens_per_sec": ".1f", "tflops": ".2f", "mfu": ".4f"}
 
 
 def peak_memory_mib() -> int:
@@ -24,13 +34,130 @@ def peak_memory_mib() -> int:
     return int(peak // 2**20 if sys.platform == "darwin" else peak // 2**10)
 
 
-class LoggerHook(Hook):
-    """Every ``interval`` iterations: iteration, lr, loss, grad norm, time, ETA and memory.
+def _as_float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
-    The same scalars go to ``<log_dir>/scalars.jsonl``, one JSON object per line.
-    The loss is the mean over all target tokens since the previous line. The
-    last iteration is always logged unless ``ignore_last=True``, so a short run
-    still shows its final loss.
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place: ``iteration/total pct% |bar| elapsed<eta  fields``.
+
+    Redraws are at most one per ``min_interval`` seconds unless forced. ``clear()`` erases the line
+    so that other output can go above it; ``redraw()`` puts it back."""
+
+    def __init__(self, stream: Any, total: int, start: int = 0, min_interval: float = 0.25) -> None:
+        self.stream = stream
+        self.total = max(int(total), 1)
+        self.start = int(start)
+        self.n = int(start)
+        self.fields: list[str] = []
+        self.min_interval = min_interval
+        self._t0 = time.monotonic()
+        self._last_draw = -float("inf")
+        self._drawn = False
+        self.closed = False
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        self._fill, self._empty = ("\u2588", " ") if encoding.startswith("utf") else ("#", "-")
+
+    def render(self, width: int | None = None) -> str:
+        elapsed = time.monotonic() - self._t0
+        done = self.n - self.start
+        if self.n >= self.total:
+            timing = _duration(elapsed)
+        elif done > 0:
+            timing = f"{_duration(elapsed)}<{_duration(elapsed / done * (self.total - self.n))}"
+        else:
+            timing = f"{_duration(elapsed)}<?"
+        cells = 20
+        filled = min(cells, int(cells * self.n / self.total))
+        bar = self._fill * filled + self._empty * (cells - filled)
+        line = "  ".join([f"{self.n}/{self.total} {100 * self.n / self.total:3.0f}%|{bar}| {timing}", *self.fields])
+        width = width or shutil.get_terminal_size((120, 20)).columns
+        return line[: max(width - 1, 10)]
+
+    def update(self, n: int, fields: list[str] | None = None, force: bool = False) -> None:
+        self.n = int(n)
+        if fields is not None:
+            self.fields = list(fields)
+        now = time.monotonic()
+        if force or now - self._last_draw >= self.min_interval:
+            self.redraw()
+
+    def redraw(self) -> None:
+        if self.closed:
+            return
+        self.stream.write("\r" + self.render() + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+        self._last_draw = time.monotonic()
+
+    def clear(self) -> None:
+        if self._drawn and not self.closed:
+            self.stream.write("\r\x1b[K")
+            self._drawn = False
+
+    def close(self) -> None:
+        """Draw the final state and end the line."""
+        if self.closed:
+            return
+        self.redraw()
+        self.stream.write("\n")
+        self.stream.flush()
+        self.closed = True
+
+
+class _AboveBar:
+    """A console handler's stream while a bar is shown: each record erases the bar, prints, redraws it."""
+
+    def __init__(self, stream: Any, bar: ProgressBar) -> None:
+        self._stream = stream
+        self._bar = bar
+
+    def write(self, text: str) -> Any:
+        self._bar.clear()
+        written = self._stream.write(text)
+        if text.endswith("\n"):
+            self._bar.redraw()
+        return written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _console_handlers(log: logging.Logger) -> list[logging.StreamHandler]:
+    """The handlers that print to the console: the runner's own (``_lmtune``), or any on stdout/stderr
+    (not files, nor the capturing handlers a test harness may add)."""
+    streams = [h for h in log.handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    own = [h for h in streams if getattr(h, "_lmtune", False)]
+    return own or [h for h in streams if h.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)]
+
+
+class LoggerHook(Hook):
+    """Every ``interval`` iterations: iteration, lr, loss, grad norm, time, ETA and memory (and the
+    throughput, ``tokens_per_sec``/``tflops``/``mfu``, when a hook puts it in the message hub).
+
+    The same scalars go to ``<log_dir>/scalars.jsonl``, one JSON object per line, and to the runner's
+    visualizer when the config sets one (TensorBoard, Weights & Biases, MLflow), with the iteration as the
+    step. The loss is the mean over all target tokens since the previous line. The last iteration is
+    always logged unless ``ignore_last=True``, so a short run still shows its final loss.
+
+    ``progress_bar``: ``'auto'`` (default) shows a single updating line (iteration/total, percentage, ETA,
+    loss, lr, throughput) when the console is a terminal, with the log lines printed above it; elsewhere
+    (CI, Slurm, files) only the log lines, which are the same either way, as is the log file. ``True`` shows
+    it even when the console is not a terminal, ``False`` never. ``plot_curves``: at the end of training
+    write ``<log_dir>/curves.png`` (loss, lr, grad norm, throughput; needs matplotlib, skipped without it).
     """
 
     priority = "BELOW_NORMAL"
@@ -38,12 +165,20 @@ class LoggerHook(Hook):
     def __init__(self, interval: int = 10, log_metric_by_epoch: bool = False, ignore_last: bool = False,
                  interval_exp_name: int = 1000, out_dir: str | None = None, out_suffix=(".json", ".log", ".py"),
                  keep_local: bool = True, file_client_args: dict | None = None,
-                 backend_args: dict | None = None) -> None:
+                 backend_args: dict | None = None, progress_bar: bool | str = "auto",
+                 plot_curves: bool = True) -> None:
         """MMEngine's arguments are accepted; ``interval_exp_name``, ``out_dir``, ``out_suffix``,
         ``keep_local``, ``file_client_args`` and ``backend_args`` have no effect (logs stay in the log dir)."""
+        if progress_bar not in (True, False, "auto"):
+            raise ValueError(f"progress_bar must be True, False or 'auto', got {progress_bar!r}")
         self.interval = max(1, int(interval))
         self.log_metric_by_epoch = log_metric_by_epoch
         self.ignore_last = ignore_last
+        self.progress_bar = progress_bar
+        self.plot_curves = bool(plot_curves)
+        self._bar: ProgressBar | None = None
+        self._swapped: list[tuple[logging.StreamHandler, Any]] = []
+        self._last_loss: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -52,9 +187,71 @@ class LoggerHook(Hook):
         self._times: list[float] = []
         self._grad_norms: list[float] = []
 
+    # -- progress bar ------------------------------------------------------
+    def _wants_bar(self, stream: Any) -> bool:
+        if self.progress_bar == "auto":
+            isatty = getattr(stream, "isatty", None)
+            return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+        return bool(self.progress_bar)
+
+    def _start_bar(self, runner) -> None:
+        self._bar = None
+        if not is_main_process() or self.progress_bar is False:
+            return
+        log = getattr(runner, "logger", None)
+        handlers = _console_handlers(log) if isinstance(log, logging.Logger) else []
+        stream = handlers[0].stream if handlers else sys.stdout
+        if not self._wants_bar(stream):
+            return
+        self._bar = ProgressBar(stream, runner.max_iters, start=runner.iter)
+        for handler in handlers:
+            if handler.stream is stream:
+                handler.setStream(_AboveBar(stream, self._bar))
+                self._swapped.append((handler, stream))
+
+    def _stop_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        for handler, stream in self._swapped:
+            if isinstance(handler.stream, _AboveBar):
+                handler.setStream(stream)
+        self._swapped = []
+        self._bar = None
+
+    def _bar_fields(self, runner, throughput: dict[str, float]) -> list[str]:
+        loss = self._loss_sum / self._tokens if self._tokens else self._last_loss
+        fields = [] if loss is None else [f"loss {loss:.4f}"]
+        fields.append(f"lr {runner.optim_wrapper.get_lr()[0]:.3e}")
+        if "tokens_per_sec" in throughput:
+            fields.append(f"{throughput['tokens_per_sec']:,.0f} tok/s")
+        if "tflops" in throughput:
+            fields.append(f"{throughput['tflops']:.1f} TFLOPS")
+        if "mfu" in throughput:
+            fields.append(f"mfu {throughput['mfu']:.3g}")
+        return fields
+
+    @staticmethod
+    def _throughput(runner, outputs: dict) -> dict[str, float]:
+        hub = getattr(runner, "message_hub", None)
+        found = {}
+        for key in THROUGHPUT_KEYS:
+            value = hub.get(key) if hub is not None else None
+            value = _as_float(outputs.get(key) if value is None else value)
+            if value is not None:
+                found[key] = value
+        return found
+
+    # -- the run -------------------------------------------------------------
     def before_train(self, runner) -> None:
         self._reset()
+        self._last_loss = None
         self._path = runner.log_dir / "scalars.jsonl"
+        visualizer = getattr(runner, "visualizer", None)
+        if visualizer is not None and is_main_process():
+            config_text = getattr(runner, "config_text", None)
+            if config_text:
+                visualizer.add_config(config_text)
+        self._start_bar(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         outputs = outputs or {}
@@ -64,7 +261,10 @@ class LoggerHook(Hook):
             self._grad_norms.append(float(outputs["grad_norm"]))
         self._times.append(runner.message_hub.get("time", 0.0))
         last = self.is_last_iter(runner)
+        throughput = self._throughput(runner, outputs)
         if not (self.every_n_iters(runner, self.interval) or (last and not self.ignore_last)):
+            if self._bar is not None:
+                self._bar.update(runner.iter + 1, self._bar_fields(runner, throughput))
             return
         scalars = {"iter": runner.iter + 1, "epoch": runner.epoch + 1,
                    "lr": runner.optim_wrapper.get_lr()[0],
@@ -75,10 +275,15 @@ class LoggerHook(Hook):
         if self._grad_norms:
             scalars["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
         scalars["memory"] = peak_memory_mib()
+        scalars.update(throughput)
         eta = scalars["time"] * (runner.max_iters - runner.iter - 1)
         self._reset()
+        self._last_loss = scalars["loss"]
         if not is_main_process():
             return
+        if self._bar is not None:  # the bar redrawn under the log line shows this iteration
+            self._bar.n = runner.iter + 1
+            self._bar.fields = self._bar_fields(runner, throughput)
         width = len(str(runner.max_iters))
         parts = [f"Iter(train) [{runner.iter + 1:>{width}}/{runner.max_iters}]",
                  f"lr: {scalars['lr']:.4e}",
@@ -89,6 +294,32 @@ class LoggerHook(Hook):
         parts.append(f"loss: {scalars['loss']:.4f}")
         if "grad_norm" in scalars:
             parts.append(f"grad_norm: {scalars['grad_norm']:.4f}")
+        parts += [f"{key}: {throughput[key]:{THROUGHPUT_FORMATS[key]}}" for key in THROUGHPUT_KEYS
+                  if key in throughput]
         runner.logger.info("  ".join(parts))
         with open(self._path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(scalars) + "\n")
+        visualizer = getattr(runner, "visualizer", None)
+        if visualizer is not None:
+            visualizer.add_scalars({k: v for k, v in scalars.items() if k != "iter"}, step=scalars["iter"])
+
+    def after_train(self, runner) -> None:
+        self._stop_bar()
+        if self.plot_curves and is_main_process():
+            self._plot(runner)
+
+    def _plot(self, runner) -> None:
+        from lmtune.tools import plot
+
+        if not plot.have_matplotlib():
+            runner.logger.info(f"curves.png not drawn: matplotlib is not installed ({plot.MATPLOTLIB_HINT})")
+            return
+        if not plot.read_scalars(runner.log_dir):
+            return
+        try:
+            png, _, dirs = plot.plot_run(runner.log_dir)
+        except Exception as exc:  # noqa: BLE001 - a finished run is not failed by its picture
+            runner.logger.warning(f"curves.png not drawn: {type(exc).__name__}: {exc}")
+            return
+        joined = f" (the {len(dirs)} log dirs of the resumed run)" if len(dirs) > 1 else ""
+        runner.logger.info(f"Training curves{joined}: {png}")

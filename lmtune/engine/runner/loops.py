@@ -96,6 +96,8 @@ class TrainLoop:
                             self.iter_in_epoch + self.max_iters - self.iter)
             group = [next(batches) for _ in range(group_end - self.iter_in_epoch)]
             self.run_step(group)
+        if self.iter_in_epoch < self.iters_per_epoch:
+            return  # stopped by max_iters inside the epoch: a resume with more iterations continues it
         runner.call_hook("after_train_epoch")
         self.epoch += 1
         self.iter_in_epoch = 0

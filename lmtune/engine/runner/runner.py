@@ -168,9 +168,9 @@ class Runner:
         env_cfg = dict(cfg.get("env_cfg") or {})
         torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
         self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")
-        if cfg.get("visualizer") is not None:
-            self.logger.warning("visualizer backends are not available in this version: scalars are written "
-                                "to scalars.jsonl in the log dir only")
+        from lmtune.visualization import build_visualizer  # TensorBoard/W&B/MLflow: a missing package fails here
+
+        self.visualizer = build_visualizer(cfg.get("visualizer"), self.log_dir, cfg)
 
         resume = cfg.get("resume", False) if resume is None else resume
         load_from = load_from or cfg.get("load_from")
@@ -552,6 +552,8 @@ class Runner:
         self.model.train()
         model = self.train_loop.run()
         self.call_hook("after_run")
+        if self.visualizer is not None:
+            self.visualizer.close()
         return model
 
 
