@@ -147,7 +147,8 @@ def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_
 
     from lmtune.tools.convert import pth_to_hf
 
-    opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2)
+    # the same loss path on both sides (FSDP2 uses the plain loss: its output head is sharded)
+    opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2, **{"model.loss_chunk_size": 0})
     work = tmp_path / "fsdp"
     train(work, with_hooks(opts), "--strategy", "fsdp2", config=hooks_cfg)
     check_hooks(work, "model")  # generation and export work on sharded weights

@@ -1,11 +1,54 @@
-"""Token-level cross-entropy for causal language modelling."""
+"""Token-level cross-entropy for causal language modelling.
+
+Two ways to the same number:
+
+- ``causal_lm_loss_sum``: cross-entropy of logits the model has already computed;
+- ``linear_cross_entropy_sum``: cross-entropy of ``head(hidden)`` computed a chunk of
+  tokens at a time, so that neither the forward nor the backward pass ever holds the
+  logits of every token at once (with a 128k vocabulary, the fp32 logits of 16k tokens
+  alone take 8 GiB, and their gradient as much again).
+
+In all of the chunked implementations but ``"checkpoint"``, the forward pass computes each
+chunk's logits, its loss and right away its gradients (of the hidden states and of the
+head's trainable weights, accumulated in fp32), then drops the logits before the next
+chunk; the backward pass only scales the stored gradients by the incoming one, in place.
+The head's matmuls run in the autocast dtype when autocast is on, as they would in the
+model. ``choose_impl`` picks, in this order:
+
+``"liger"``
+    Liger Kernel's fused linear cross-entropy (Triton, CUDA only), when ``liger_kernel``
+    is importable, the head is a plain ``nn.Linear`` and the logits are at most softcapped.
+``"linear"``
+    A plain ``nn.Linear`` head: the gradient of the cross-entropy is written out
+    (``softmax - one_hot``, through the scale and softcap), computed in place in one fp32
+    buffer of the chunk's logits, and accumulated into the fp32 weight gradient by one
+    matmul per chunk (on CUDA straight into fp32, ``addmm(out_dtype=float32)``).
+``"module"``
+    Any other head (PEFT's LoRA on the head or ``modules_to_save`` wrapper, a quantized
+    head): the head module is called on each chunk and autograd differentiates the chunk.
+``"checkpoint"``
+    ``torch.utils.checkpoint`` around each chunk: the backward pass recomputes one chunk's
+    logits at a time (one more head matmul). Used where the head's weights are usable only
+    inside the module's own call: DeepSpeed ZeRO-3 partitions, sharded DTensors.
+
+None of them holds a (tokens, vocab) tensor; the peak is a few (chunk, vocab) buffers plus
+the fp32 gradient of the head's weight (which the plain path needs too).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmtune.utils.constants import IGNORE_INDEX
+
+DEFAULT_LOSS_CHUNK_SIZE = 1024
+LOSS_IMPLS = ("liger", "linear", "module", "checkpoint")
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -23,3 +66,346 @@ def causal_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """Sum (not mean) of the fp32 cross-entropy over positions whose target is not ignored."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ------------------------------------------------------------------ what models do to their logits
+
+@dataclasses.dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM does to the output of its head before the loss: ``softcap * tanh(scale * x / softcap)``.
+
+    ``scale``: Cohere's ``logit_scale`` (multiplied), Granite's ``logits_scaling`` (divided);
+    ``softcap``: Gemma 2/3's ``final_logit_softcapping``. Applied in fp32.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogitTransform:
+        if config is None:
+            return cls()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        model_type = str(getattr(text, "model_type", "") or getattr(config, "model_type", ""))
+        scale = 1.0
+        if model_type.startswith("cohere") and getattr(text, "logit_scale", None):
+            scale *= float(text.logit_scale)
+        if model_type.startswith("granite") and getattr(text, "logits_scaling", None):
+            scale /= float(text.logits_scaling)
+        softcap = getattr(text, "final_logit_softcapping", None)
+        return cls(scale=scale, softcap=float(softcap) if softcap else None)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+IDENTITY = LogitTransform()
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    logits = transform(logits)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ------------------------------------------------------------------ choosing an implementation
+
+def liger_available() -> bool:
+    """Whether Liger Kernel can be imported (it needs Triton and a GPU to run)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _is_plain_tensor(param: torch.Tensor) -> bool:
+    """False for DeepSpeed ZeRO-3 partitions and DTensors: weights only usable inside their module's call."""
+    if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
+        return False
+    return not (hasattr(param, "to_local") and hasattr(param, "placements"))
+
+
+def choose_impl(head: nn.Module, device: torch.device | str, transform: LogitTransform = IDENTITY,
+                liger: bool | None = None) -> str:
+    """``"liger"``, ``"linear"``, ``"module"`` or ``"checkpoint"`` for this head on this device (see the module doc).
+
+    ``liger``: whether Liger Kernel may be used (default: whether it is importable).
+    """
+    device = torch.device(device)
+    if not all(_is_plain_tensor(p) for p in head.parameters()):
+        return "checkpoint"
+    if type(head) is not nn.Linear:
+        return "module"
+    if liger is None:
+        liger = liger_available()
+    if liger and device.type == "cuda" and transform.scale == 1.0:
+        return "liger"
+    return "linear"
+
+
+# ------------------------------------------------------------------ the implementations
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """Chunk boundaries; one empty chunk when there are no tokens, so the head stays in the graph."""
+    if n == 0:
+        return [(0, 0)]
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # pragma: no cover - device type without autocast
+        pass
+    return None
+
+
+def _accumulator(p: torch.Tensor) -> torch.Tensor:
+    """A zero gradient for ``p``, in fp32 when ``p`` is half precision."""
+    return torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
+
+
+def _scaled_grads(ctx, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients the forward pass stored, times ``grad_output``, in place (they are used once)."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError("the chunked loss can be back-propagated only once (retain_graph is not supported)")
+    out = []
+    for grad, dtype in zip(grads, ctx.dtypes):
+        if grad is not None:
+            grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)
+        out.append(grad)
+    return out
+
+
+_FP32_OUT_ADDMM: dict[str, bool] = {}
+
+
+def _fp32_out_addmm(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=float32)`` accumulates half-precision products into an fp32
+    tensor on this device (CUDA in recent torch): checked once on small matrices."""
+    if device.type not in _FP32_OUT_ADDMM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                a = torch.randn(16, 32, generator=gen).to(device, torch.bfloat16)
+                b = torch.randn(32, 8, generator=gen).to(device, torch.bfloat16)
+                acc = torch.ones(16, 8, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-3, atol=1e-3))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _FP32_OUT_ADDMM[device.type] = ok
+    return _FP32_OUT_ADDMM[device.type]
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` where ``acc`` may be fp32 and ``a``, ``b`` half precision, without a temporary where the
+    device can accumulate into fp32 directly."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif _fp32_out_addmm(acc.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+class _LinearChunkedCrossEntropy(torch.autograd.Function):
+    """``"linear"``: hand-written gradients of ``CE(transform(hidden @ weight.T + bias))``, chunk by chunk.
+
+    Per chunk: fp32 logits ``z`` (one buffer, modified in place), ``e = exp(z - max)`` and its row sums ``S``;
+    the loss is ``max + log S - z[target]``, and the gradient of the logits is ``(e - S * one_hot) / S``
+    (times the transform's derivative), divided and cast to the matmul dtype in one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_grad = need_h or need_w or need_b
+        compute = _autocast_dtype(hidden.device.type) or weight.dtype
+        w = weight.detach().to(compute)
+        b = None if bias is None else bias.detach().to(compute)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = _accumulator(weight) if need_w else None
+        grad_b = _accumulator(bias) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        any_ignored = bool((targets == IGNORE_INDEX).any())  # SupervisedFinetune passes labelled positions only
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start, end in _chunks(hidden.shape[0], chunk_size):
+                h = hidden[start:end].detach().to(compute)
+                t = targets[start:end]
+                logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+                z = logits.float()  # our own buffer from here on (the same tensor when computing in fp32)
+                del logits
+                if transform.scale != 1.0:
+                    z.mul_(transform.scale)
+                th = None
+                if transform.softcap is not None:
+                    th = z.div_(transform.softcap).tanh_()
+                    z = th * transform.softcap
+                valid = t != IGNORE_INDEX
+                safe_t = torch.where(valid, t, 0) if any_ignored else t
+                picked = z.gather(1, safe_t[:, None]).squeeze(1)
+                top = z.amax(dim=1, keepdim=True)
+                e = z.sub_(top).exp_()  # in place: no second (chunk, vocab) buffer, unlike logsumexp
+                del z
+                sums = e.sum(dim=1)
+                losses = top.squeeze(1) + sums.log() - picked
+                total += (torch.where(valid, losses, 0.0) if any_ignored else losses).sum()
+                if not need_grad:
+                    continue
+                e.scatter_add_(1, safe_t[:, None], -sums[:, None])  # e - S * one_hot
+                if th is not None:  # d tanh(x) / dx = 1 - tanh(x)^2
+                    e.mul_(th.mul_(th).neg_().add_(1.0))
+                    del th
+                denom = sums / transform.scale if transform.scale != 1.0 else sums
+                if any_ignored:  # rows without a target get no gradient
+                    denom = torch.where(valid, denom, float("inf"))
+                if compute == e.dtype:
+                    d = e.div_(denom[:, None])
+                else:
+                    d = torch.empty(e.shape, dtype=compute, device=e.device)
+                    torch.div(e, denom[:, None], out=d)
+                del e
+                if need_h:
+                    grad_h[start:end] = d @ w
+                if need_w:
+                    _accumulate_mm(grad_w, d.t(), h)
+                if need_b:
+                    grad_b.add_(d.sum(0, dtype=grad_b.dtype))
+                del d
+        ctx.grads = [grad_h, grad_w, grad_b]
+        ctx.dtypes = [hidden.dtype, weight.dtype, None if bias is None else bias.dtype]
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b = _scaled_grads(ctx, grad_output)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+class _ModuleChunkedCrossEntropy(torch.autograd.Function):
+    """``"module"``: autograd through the head module, one chunk at a time, inside the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, transform, chunk_size, names, *params):
+        need_h = ctx.needs_input_grad[0]
+        device_type = hidden.device.type
+        cast_to = _autocast_dtype(device_type)
+        # one detached leaf per trainable weight, reused by every chunk (so autocast casts it once)
+        leaves = {name: p.detach().requires_grad_() for name, p in zip(names, params)}
+        swapped: dict[str, torch.Tensor] = dict(leaves)
+        if cast_to is not None:  # frozen matrices: cast once too, not once per chunk
+            for name, p in head.named_parameters():
+                if (name not in swapped and not p.requires_grad and p.dim() == 2 and p.dtype != cast_to
+                        and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                        and type(p) in (torch.Tensor, nn.Parameter)):
+                    swapped[name] = p.detach().to(cast_to)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_params = [_accumulator(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            with torch.enable_grad():
+                h = hidden[start:end].detach().requires_grad_(need_h)
+                loss = _ce_sum(torch.func.functional_call(head, swapped, (h,)), targets[start:end], transform)
+                wrt = ([h] if need_h else []) + list(leaves.values())
+                with torch.autocast(device_type, enabled=False):  # as a backward pass outside autocast
+                    grads = list(torch.autograd.grad(loss, wrt, allow_unused=True)) if wrt else []
+            total += loss.detach()
+            if need_h:
+                g = grads.pop(0)
+                if g is None:
+                    grad_h[start:end] = 0
+                else:
+                    grad_h[start:end] = g
+            for acc, g in zip(grad_params, grads):
+                if g is not None:
+                    acc.add_(g)
+            del loss, grads
+        ctx.grads = [grad_h, *grad_params]
+        ctx.dtypes = [hidden.dtype, *(p.dtype for p in params)]
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, *grad_params = _scaled_grads(ctx, grad_output)
+        return (grad_h, None, None, None, None, None, *grad_params)
+
+
+def _head_loss(head, h, t, transform):
+    return _ce_sum(head(h), t, transform)
+
+
+def _checkpointed(hidden, head, targets, chunk_size, transform):
+    from torch.utils.checkpoint import checkpoint
+
+    total = None
+    for start, end in _chunks(hidden.shape[0], chunk_size):
+        loss = checkpoint(_head_loss, head, hidden[start:end], targets[start:end], transform, use_reentrant=False)
+        total = loss if total is None else total + loss
+    return total
+
+
+def _liger(hidden, head, targets, transform):
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    device_type = hidden.device.type
+    dtype = _autocast_dtype(device_type) or head.weight.dtype
+    kwargs: dict[str, Any] = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+    if transform.softcap is not None:
+        kwargs["softcap"] = transform.softcap
+    loss_fn = LigerFusedLinearCrossEntropyLoss(**kwargs)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):  # Liger wants one dtype for the input and the weight
+        loss = loss_fn(head.weight.to(dtype), hidden.to(dtype), targets, bias)
+    if isinstance(loss, (tuple, list)):  # versions that also return the z-loss
+        loss = loss[0]
+    return loss.float()
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                             chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE, transform: LogitTransform = IDENTITY,
+                             impl: str | None = None) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``transform(head(hidden))`` against ``targets``, ``chunk_size`` tokens at a time.
+
+    ``hidden``: (tokens, hidden_size); ``targets``: (tokens,), ``IGNORE_INDEX`` allowed (pass only the
+    positions that carry a loss to save work). ``impl`` forces an implementation (``LOSS_IMPLS``;
+    ``"linear"`` and ``"liger"`` need an ``nn.Linear`` head); by default ``choose_impl`` picks one.
+    Without gradients to compute, the chunks simply run one after the other under ``no_grad``.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (tokens, hidden_size) and targets (tokens,); got {tuple(hidden.shape)} "
+                         f"and {tuple(targets.shape)}")
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    impl = impl or choose_impl(head, hidden.device, transform)
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    if impl in ("linear", "liger") and not isinstance(head, nn.Linear):
+        raise ValueError(f"impl={impl!r} needs an nn.Linear head, not {type(head).__name__}")
+    if impl == "liger":
+        return _liger(hidden, head, targets, transform)
+    params = [(name, p) for name, p in head.named_parameters() if p.requires_grad]
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
+        with torch.no_grad():
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start, end in _chunks(hidden.shape[0], chunk_size):
+                total += _head_loss(head, hidden[start:end], targets[start:end], transform)
+            return total
+    if impl == "checkpoint":
+        return _checkpointed(hidden, head, targets, chunk_size, transform)
+    if impl == "linear":
+        return _LinearChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_size)
+    return _ModuleChunkedCrossEntropy.apply(hidden, targets, head, transform, chunk_size,
+                                            tuple(name for name, _ in params), *(p for _, p in params))

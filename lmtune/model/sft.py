@@ -12,7 +12,13 @@ from torch import nn
 from lmtune.config.build import build, is_type_dict
 from lmtune.config.errors import ConfigError
 from lmtune.engine.device import as_dtype, default_device, warn_once
-from lmtune.model.loss import causal_lm_loss_sum, shifted_targets
+from lmtune.model.loss import (
+    DEFAULT_LOSS_CHUNK_SIZE,
+    LogitTransform,
+    causal_lm_loss_sum,
+    linear_cross_entropy_sum,
+    shifted_targets,
+)
 from lmtune.model.quantization import check_4bit_backend
 from lmtune.utils.constants import IGNORE_INDEX
 
@@ -72,12 +78,26 @@ class SupervisedFinetune(nn.Module):
 
     ``forward`` returns the summed token loss and the number of target tokens,
     so the loop can average over every token of an optimizer step.
+
+    ``loss_chunk_size``: the loss runs the output head over the positions that
+    have a label, this many tokens at a time (``lmtune.model.loss``), so the
+    logits of all tokens are never held at once, in the forward or the backward
+    pass. ``None`` or 0: the model computes the logits of every labelled position
+    in one go (more memory; same loss up to float rounding).
     """
 
     def __init__(self, llm: Any, lora: Any = None, peft_model: str | None = None,
                  use_activation_checkpointing: bool = True, use_varlen_attn: bool = False,
-                 tokenizer: Any = None, max_position_embeddings: int | None = None) -> None:
+                 tokenizer: Any = None, max_position_embeddings: int | None = None,
+                 loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK_SIZE) -> None:
         super().__init__()
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int)
+                                            or loss_chunk_size < 0):
+            raise ConfigError(f"model.loss_chunk_size must be a positive integer, or 0/None for the plain loss; "
+                              f"got {loss_chunk_size!r}")
+        self.loss_chunk_size = int(loss_chunk_size or 0)
+        # None: the chunked loss is not yet checked against this model's own logits; then True or False
+        self._chunked_loss_ok: bool | None = None
         self.device = default_device()
         self.use_varlen_attn = use_varlen_attn
         self.quantized = False
@@ -103,6 +123,7 @@ class SupervisedFinetune(nn.Module):
                 if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
         self._keeps_logits = "logits_to_keep" in inspect.signature(self._base_model().forward).parameters
+        self._logit_transform = LogitTransform.from_config(getattr(self._base_model(), "config", None))
 
     # -- construction ----------------------------------------------------
     def _build_llm(self, llm: Any, max_position_embeddings: int | None) -> nn.Module:
@@ -165,6 +186,16 @@ class SupervisedFinetune(nn.Module):
                 attention_mask: torch.Tensor | None = None, **unused: Any) -> dict[str, torch.Tensor]:
         """Summed cross-entropy over target tokens (``loss_sum``), their count, and their mean (``loss``)."""
         targets = shifted_targets(labels)
+        loss_sum = None
+        if self.loss_chunk_size and self._chunked_loss_ok is not False:
+            loss_sum = self._chunked_loss(input_ids, targets, position_ids, attention_mask)
+        if loss_sum is None:
+            loss_sum = self._plain_loss(input_ids, targets, position_ids, attention_mask)
+        num_tokens = (targets != IGNORE_INDEX).sum()
+        return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
+
+    def _plain_loss(self, input_ids, targets, position_ids, attention_mask) -> torch.Tensor:
+        """The model computes the logits of every position that has a label (of any row), then the loss."""
         kwargs: dict[str, Any] = {}
         if self._keeps_logits:
             keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
@@ -172,9 +203,67 @@ class SupervisedFinetune(nn.Module):
             targets = targets[:, keep]
         out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        use_cache=False, **kwargs)
-        loss_sum = causal_lm_loss_sum(out.logits, targets)
-        num_tokens = (targets != IGNORE_INDEX).sum()
-        return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
+        return causal_lm_loss_sum(out.logits, targets)
+
+    def _chunked_loss(self, input_ids, targets, position_ids, attention_mask) -> torch.Tensor | None:
+        """The loss over the head's output in chunks; None where this model needs the plain path.
+
+        The whole model runs (so wrappers' hooks, FSDP and ZeRO-3 gathering work as usual), but
+        a pre-hook on the output head takes the final hidden states and hands the head none of
+        them (a few on the first call, to check that ``LogitTransform`` reproduces what the model
+        does to its logits). ``linear_cross_entropy_sum`` then runs the head on the labelled
+        positions only, a chunk at a time.
+        """
+        base = self._base_model()
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if not isinstance(head, nn.Module):
+            return self._give_up_chunking("the model has no output head module")
+        weight = getattr(head, "weight", None)
+        if hasattr(weight, "device_mesh") or hasattr(weight, "ds_id"):
+            # FSDP2 / ZeRO-3 gather the head's weight only inside the model's own forward
+            return self._give_up_chunking("its output head is sharded (FSDP2 or ZeRO-3)")
+        batch, seq = input_ids.shape
+        probe = 0 if self._chunked_loss_ok else min(4, seq)
+        seen: dict[str, Any] = {"calls": 0}
+
+        def take_hidden(module, args, kwargs):
+            seen["calls"] += 1
+            hidden = args[0] if args else kwargs.get("input")
+            if seen["calls"] > 1 or not torch.is_tensor(hidden) or tuple(hidden.shape[:2]) != (batch, seq):
+                return None
+            seen["hidden"] = hidden
+            if args:
+                return (hidden[:, :probe], *args[1:]), kwargs
+            return args, {**kwargs, "input": hidden[:, :probe]}
+
+        handle = head.register_forward_pre_hook(take_hidden, with_kwargs=True)
+        try:
+            out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False)
+        finally:
+            handle.remove()
+        hidden = seen.get("hidden")
+        if hidden is None or seen["calls"] != 1:
+            return self._give_up_chunking("its output head is not called once on the final hidden states")
+        if probe:
+            with torch.no_grad():
+                expected = out.logits.detach().float()
+                mine = self._logit_transform(head(hidden[:, :probe].detach()))
+                close = expected.shape == mine.shape and bool(
+                    (expected - mine).abs().max() <= 1e-2 * max(1.0, float(expected.abs().max())))
+            if not close:
+                return self._give_up_chunking("it transforms its logits in a way lmtune does not reproduce")
+            self._chunked_loss_ok = True
+        del out
+        mask = targets != IGNORE_INDEX
+        return linear_cross_entropy_sum(hidden[mask], head, targets[mask], self.loss_chunk_size,
+                                        self._logit_transform)
+
+    def _give_up_chunking(self, why: str) -> None:
+        self._chunked_loss_ok = False
+        warn_once(f"{type(self._base_model()).__name__}: the chunked loss is off ({why}); the loss is computed "
+                  "on the full logits instead (more memory).")
+        return None
 
     @torch.no_grad()
     def packing_leak(self, segment: int = 8) -> float:
@@ -184,7 +273,12 @@ class SupervisedFinetune(nn.Module):
         and the second is also run alone. With attention that keeps packed samples
         apart the difference is float noise; a model whose attention ignores the
         restart (some remote-code models do) lets the second sample see the first.
-        Returns the largest difference relative to the mean logit magnitude.
+        Returns the largest difference relative to the mean logit magnitude, less
+        four times the rounding noise of the dtype: the difference between the
+        sample alone and the same sample followed by the other one (which causal
+        attention must not see either). In fp32 that noise is ~1e-7; in bf16 it
+        reaches a few percent of a random model's small logits, which a real leak
+        exceeds by far.
         """
         was_training = self.training
         self.eval()
@@ -198,8 +292,14 @@ class SupervisedFinetune(nn.Module):
             packed = self.llm(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, segment:]
             alone = self.llm(input_ids=second[None], position_ids=positions[:, :segment],
                              use_cache=False).logits[0]
-            packed, alone = packed.float(), alone.float()
-            return float((packed - alone).abs().max() / alone.abs().mean().clamp(min=1e-6))
+            followed = self.llm(input_ids=torch.cat([second, first])[None],
+                                position_ids=torch.arange(2 * segment, device=device)[None],
+                                use_cache=False).logits[0, :segment]
+            packed, alone, followed = packed.float(), alone.float(), followed.float()
+            scale = alone.abs().mean().clamp(min=1e-6)
+            leak = float((packed - alone).abs().max() / scale)
+            noise = float((followed - alone).abs().max() / scale)
+            return max(0.0, leak - 4 * noise)
         finally:
             self.train(was_training)
 

@@ -11,8 +11,9 @@ from lmtune.engine.hooks.checkpoint import CheckpointHook
 from lmtune.engine.hooks.hf_checkpoint import HFCheckpointHook
 from lmtune.engine.hooks.hook import Hook
 from lmtune.engine.hooks.logger import LoggerHook
+from lmtune.engine.hooks.throughput import ThroughputHook
 
 __all__ = [
     "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EvaluateChatHook", "HFCheckpointHook", "Hook",
-    "IterTimerHook", "LoggerHook", "ParamSchedulerHook", "VarlenAttnArgsToMessageHubHook",
+    "IterTimerHook", "LoggerHook", "ParamSchedulerHook", "ThroughputHook", "VarlenAttnArgsToMessageHubHook",
 ]
