@@ -191,3 +191,22 @@ ms_loader = MsDataset.load
     assert len(runner.train_dataloader) == len(runner.train_dataloader.dataset) // 2
     runner.train()
     assert ckpt.find_latest(runner.work_dir).name == "iter_4"
+
+
+def test_xtuner_model_names_and_transformers_4_loading_flags(tmp_path, tiny_model_dir):
+    path = tmp_path / "cfg.py"
+    path.write_text("from xtuner.model.transformers_models.deepseek_v2 import DeepseekV2ForCausalLM\n"
+                    "llm = dict(type=DeepseekV2ForCausalLM.from_pretrained, moe_implementation='shard')\n")
+    from transformers import DeepseekV2ForCausalLM
+
+    assert issubclass(Config.fromfile(path).llm["type"].__self__, DeepseekV2ForCausalLM)
+    # `load_in_8bit=True` passed to from_pretrained (transformers 4 style) becomes a quantization_config
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model import SupervisedFinetune
+
+    model = SupervisedFinetune(llm=dict(type=AutoModelForCausalLM.from_pretrained,
+                                        pretrained_model_name_or_path=tiny_model_dir, load_in_8bit=True),
+                               lora=dict(type="peft.LoraConfig", r=4), use_activation_checkpointing=False)
+    assert model.quantized and any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())

@@ -139,6 +139,15 @@ class SupervisedFinetune(nn.Module):
                 if self.device.type == "cuda":
                     cfg.setdefault("device_map", {"": self.device.index or 0})
             cfg["quantization_config"] = quant_obj
+        for flag in ("load_in_8bit", "load_in_4bit"):  # transformers 5 takes these via quantization_config only
+            if cfg.pop(flag, False) and quant is None:
+                from transformers import BitsAndBytesConfig
+
+                quant = cfg["quantization_config"] = BitsAndBytesConfig(**{flag: True})
+                self.quantized = True
+                check_4bit_backend(self.device.type, None)
+                if self.device.type == "cuda":
+                    cfg.setdefault("device_map", {"": self.device.index or 0})
         if "torch_dtype" in cfg and "dtype" not in cfg:  # transformers 5 renamed the argument
             cfg["dtype"] = cfg.pop("torch_dtype")
         dtype = cfg.get("dtype")
