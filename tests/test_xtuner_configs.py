@@ -210,3 +210,26 @@ def test_xtuner_model_names_and_transformers_4_loading_flags(tmp_path, tiny_mode
                                         pretrained_model_name_or_path=tiny_model_dir, load_in_8bit=True),
                                lora=dict(type="peft.LoraConfig", r=4), use_activation_checkpointing=False)
     assert model.quantized and any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+def test_lora_with_dropout_on_fused_moe_experts(tmp_path):
+    # XTuner's Mixtral configs put LoRA (dropout 0.1) on w1/w2/w3; transformers 5 fuses the experts into
+    # 3-D weights that peft adapts only without dropout: lmtune sets it to 0 (with a warning) and trains
+    import torch
+    from tiny_archs import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model import SupervisedFinetune
+
+    path = make_tiny_model(tmp_path / "mixtral", "mixtral", "mistral")
+    model = SupervisedFinetune(
+        llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(path),
+                 dtype=torch.float32),
+        lora=dict(type="peft.LoraConfig", r=4, lora_alpha=8, lora_dropout=0.1,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]),
+        use_activation_checkpointing=False)
+    expert_adapters = [n for n, p in model.named_parameters() if p.requires_grad and ".experts." in n]
+    assert expert_adapters
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model(input_ids=ids, labels=ids)["loss"].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in expert_adapters)

@@ -50,6 +50,12 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _has_fused_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds MoE experts as fused 3-D weights (transformers 5's Mixtral, DeepSeek...)."""
+    return any(type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in module.parameters(False))
+               for module in model.modules())
+
+
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 
@@ -184,6 +190,11 @@ class SupervisedFinetune(nn.Module):
             lora_cfg = build(lora_cfg, key="model.lora")
         elif getattr(lora_cfg, "target_modules", None) is None:
             lora_cfg.target_modules = find_all_linear_names(self.llm)
+        if getattr(lora_cfg, "lora_dropout", 0) and _has_fused_experts(self.llm):
+            # transformers 5 fuses MoE experts into 3-D weights; peft adapts them only without dropout
+            warn_once(f"{type(self.llm).__name__} keeps its MoE experts fused: LoRA on them needs lora_dropout=0, "
+                      f"so lora_dropout={lora_cfg.lora_dropout} is set to 0")
+            lora_cfg.lora_dropout = 0.0
         self.llm = get_peft_model(self.llm, lora_cfg)
 
     def _base_model(self) -> nn.Module:
