@@ -71,3 +71,14 @@ def oasst1_dir(tmp_path) -> str:
 @pytest.fixture
 def alpaca_file(tmp_path) -> str:
     return str(write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows() * 3))
+
+
+@pytest.fixture(autouse=True)
+def _no_curves_png(request, monkeypatch):
+    """Training runs inside tests skip drawing curves.png (about a second each with matplotlib);
+    tests/test_visualization.py checks the drawing itself."""
+    if request.module.__name__.endswith("test_visualization"):
+        return
+    from lmtune.engine.hooks.logger import LoggerHook
+
+    monkeypatch.setattr(LoggerHook, "_plot", lambda self, runner: None)
