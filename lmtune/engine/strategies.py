@@ -410,12 +410,11 @@ def _precision_name(ds_config: dict) -> str:
 
 # ------------------------------------------------------------------ choosing
 
-def build_strategy(cfg: Any, device: torch.device, strategy: Any = None, deepspeed: str | None = None) -> Strategy:
-    """The strategy for this run: ``--deepspeed`` / ``--strategy`` first, then the config's ``strategy``."""
+def choose_strategy(cfg: Any, strategy: Any = None, deepspeed: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The engine's name (None: single process or DDP) and its options: ``--deepspeed`` / ``--strategy``
+    first, then the config's ``strategy`` (a name or ``dict(type=NAME, **options)``)."""
     options: dict[str, Any] = {}
-    chosen = strategy
-    if chosen is None:
-        chosen = cfg.get("strategy")
+    chosen = strategy if strategy is not None else cfg.get("strategy")
     if isinstance(chosen, dict):
         options = dict(chosen)
         chosen = options.pop("type", None)
@@ -423,7 +422,13 @@ def build_strategy(cfg: Any, device: torch.device, strategy: Any = None, deepspe
         if chosen not in (None, "deepspeed"):
             raise ConfigError(f"--deepspeed and strategy {chosen!r} exclude each other; choose one")
         chosen = "deepspeed"
-        options.setdefault("config", deepspeed)
+        options["config"] = deepspeed
+    return chosen, options
+
+
+def build_strategy(cfg: Any, device: torch.device, strategy: Any = None, deepspeed: str | None = None) -> Strategy:
+    """The strategy for this run (see ``choose_strategy``)."""
+    chosen, options = choose_strategy(cfg, strategy, deepspeed)
     if chosen is None or chosen == "ddp":
         try:
             return Strategy(device, **options)

@@ -161,15 +161,9 @@ def resolve_engine(cfg: Any, nproc: int = 1, deepspeed: str | None = None, strat
 
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of devices, got {nproc!r}")
-    chosen: Any = strategy if strategy is not None else cfg.get("strategy")
-    options: dict = {}
-    if isinstance(chosen, dict):
-        options = dict(chosen)
-        chosen = options.pop("type", None)
-    if deepspeed is not None:
-        if chosen not in (None, "deepspeed"):
-            raise ConfigError(f"--deepspeed and strategy {chosen!r} exclude each other; choose one")
-        chosen, options["config"] = "deepspeed", deepspeed
+    from lmtune.engine.strategies import choose_strategy
+
+    chosen, options = choose_strategy(cfg, strategy, deepspeed)
     if chosen == "deepspeed":
         if "config" not in options:
             raise ConfigError("strategy deepspeed needs config=NAME or a JSON path (or use --deepspeed NAME)")
