@@ -134,10 +134,8 @@ def test_qlora_gradients_survive_an_evaluation_pass(tiny_model_dir):
         torch.testing.assert_close(after[name], grad, msg=name)
 
 
-def test_packing_isolation_probe_tells_isolating_from_leaking_attention(tiny_model_dir, monkeypatch):
-    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=False)
-    assert model.packing_leak() < 1e-4
-    # an implementation that takes the restarting position ids but masks only causally over the whole row
+def make_leaky(model, monkeypatch) -> None:
+    """An implementation that takes the restarting position ids but masks only causally over the whole row."""
     original = model.llm.forward
 
     def leaky_forward(input_ids=None, position_ids=None, **kwargs):
@@ -145,6 +143,12 @@ def test_packing_isolation_probe_tells_isolating_from_leaking_attention(tiny_mod
                         attention_mask=torch.ones_like(input_ids), **kwargs)
 
     monkeypatch.setattr(model.llm, "forward", leaky_forward)
+
+
+def test_packing_isolation_probe_tells_isolating_from_leaking_attention(tiny_model_dir, monkeypatch):
+    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=False)
+    assert model.packing_leak() < 1e-4
+    make_leaky(model, monkeypatch)
     assert model.packing_leak() > 0.05
 
 
@@ -154,11 +158,5 @@ def test_packing_probe_is_not_fooled_by_bf16_rounding(tiny_model_dir, monkeypatc
     model = SupervisedFinetune(llm={**llm_cfg(tiny_model_dir), "dtype": torch.bfloat16},
                                use_activation_checkpointing=False)
     assert model.packing_leak() < 0.02
-    original = model.llm.forward
-
-    def leaky_forward(input_ids=None, position_ids=None, **kwargs):
-        return original(input_ids=input_ids, position_ids=position_ids,
-                        attention_mask=torch.ones_like(input_ids), **kwargs)
-
-    monkeypatch.setattr(model.llm, "forward", leaky_forward)
+    make_leaky(model, monkeypatch)
     assert model.packing_leak() > 0.05
