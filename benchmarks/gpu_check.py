@@ -103,7 +103,6 @@ def check_qlora(tmp: Path, quick: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from lmtune.engine import checkpoint as ckpt
-    from lmtune.tools.chat import load_for_chat
 
     model_dir = tiny_model(tmp, "llama256", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8,
                            num_kv_heads=4, intermediate_size=512)
@@ -133,7 +132,6 @@ def check_qlora(tmp: Path, quick: bool) -> dict:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
         reference = PeftModel.from_pretrained(base, str(adapter)).eval()
         diff = (merged_model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
-    _, _ = load_for_chat(model_dir, str(adapter), bits=4)
     return {"first_loss": trace[0], "last_loss": trace[-1], "chat_bits4": chat.stdout.strip()[:100],
             "chat_bits8_rc": chat8.returncode, "chat_bits8": chat8.stdout.strip()[:100],
             "merge_cuda_max_logit_diff": diff}

@@ -72,9 +72,6 @@ class Counting(SFTTrainer):
         stats["pending"] += n
         return super().training_step(model, inputs, *rest, **kw)
 
-    def optimizer_step_done(self):
-        pass
-
 
 lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 start = time.perf_counter()

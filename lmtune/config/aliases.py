@@ -69,13 +69,15 @@ class _Missing:
         return f"<{self._dotted} (not installed)>"
 
 
-def _optional_module(name: str, fromlist: Any) -> types.ModuleType:
+def _optional_module(name: str, fromlist: Any) -> Any:
+    """What ``import`` gives for a missing optional package: names that explain themselves when called."""
     top = name.split(".")[0]
+    hint = OPTIONAL_PACKAGES[top]
+    if not fromlist:  # `import modelscope`: attribute chains such as modelscope.msdatasets.MsDataset work
+        return _Missing(top, hint)
     shim = types.ModuleType(name)
-    for attr in fromlist or ():
-        setattr(shim, attr, _Missing(f"{name}.{attr}", OPTIONAL_PACKAGES[top]))
-    if not fromlist:
-        shim = types.ModuleType(top)
+    for attr in fromlist:
+        setattr(shim, attr, _Missing(f"{name}.{attr}", hint))
     return shim
 
 

@@ -231,8 +231,7 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     namespace: dict[str, Any] = {"__file__": str(path.resolve()), "__name__": "__lmtune_config__",
                                  _OVERRIDE_VAR: overrides}
     # imports of xtuner.* / mmengine.* resolve to lmtune while this file runs; relative imports load base configs
-    load_base = lambda base: _run_config(base, base.read_text(encoding="utf-8"), {})  # noqa: E731
-    namespace["__builtins__"] = config_builtins(make_import(path.resolve(), load_base))
+    namespace["__builtins__"] = config_builtins(make_import(path.resolve(), _run_file))
     code = compile(tree, str(path), "exec")
     sys.path.insert(0, str(path.parent.resolve()))
     try:
@@ -254,6 +253,11 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     return result
 
 
+def _run_file(path: Path) -> dict[str, Any]:
+    """The settings of another config file (a base config), run without overrides."""
+    return _run_config(path, path.read_text(encoding="utf-8"), {})
+
+
 def _inherit(path: Path, bases: Any, own: dict[str, Any]) -> dict[str, Any]:
     """MMEngine's ``_base_ = [...]``: the base files' settings, with this file's merged over them
     (dicts merge key by key unless the child's has ``_delete_=True``)."""
@@ -262,7 +266,7 @@ def _inherit(path: Path, bases: Any, own: dict[str, Any]) -> dict[str, Any]:
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file {base} not found (looked at {base_path})")
-        merged = _merge(merged, _run_config(base_path, base_path.read_text(encoding="utf-8"), {}))
+        merged = _merge(merged, _run_file(base_path))
     return _merge(merged, own)
 
 

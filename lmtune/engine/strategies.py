@@ -47,7 +47,7 @@ class Strategy:
         self.device = device
         self.find_unused_parameters = find_unused_parameters
         self.world_size = get_world_size()
-        if self.world_size > 1:
+        if self.world_size > 1 and self.name == "single":
             self.name = "ddp"
 
     # -- building ---------------------------------------------------------
@@ -119,7 +119,6 @@ class FSDP2Strategy(Strategy):
 
     def __init__(self, device: torch.device, reshard_after_forward: bool = True) -> None:
         super().__init__(device)
-        self.name = "fsdp2"
         self.reshard_after_forward = reshard_after_forward
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -215,7 +214,6 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, device: torch.device, config: Any, runner_cfg: Any) -> None:
         super().__init__(device)
-        self.name = "deepspeed"
         try:
             import deepspeed  # noqa: F401
         except ImportError:
@@ -228,6 +226,7 @@ class DeepSpeedStrategy(Strategy):
         self.shards_params = self.stage == 3
         self._hf_ds_config = None
         self.engine = None
+        self._pending_masters: dict[str, torch.Tensor] | None = None
 
     def before_model(self, cfg: Any) -> None:
         if self.stage == 3:  # from_pretrained then loads each weight straight into its shard
@@ -253,6 +252,12 @@ class DeepSpeedStrategy(Strategy):
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optim_wrapper.optimizer,
                                                           config=self.ds_config)
         self.engine = engine
+        if self._pending_masters:  # checkpoint weights in fp32, not their rounding to the training precision
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, param in self._trainable(engine):
+                safe_set_full_fp32_param(param, self._pending_masters[name].to(self.device).flatten())
+        self._pending_masters = None
         runner.logger.info(f"DeepSpeed ZeRO-{self.stage} ({self.source}): "
                            f"{_precision_name(self.ds_config)}, world size {self.world_size}")
         return engine, DeepSpeedOptimWrapper(engine, optim_wrapper)
@@ -279,6 +284,9 @@ class DeepSpeedStrategy(Strategy):
         return state if is_main_process() else None
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        # once the engine exists the model holds the weights rounded to the training precision; `prepare`
+        # makes these fp32 values the optimizer's masters
+        self._pending_masters = state
         if self.stage != 3 or self.engine is not None:
             model.load_trainable_state_dict(state)
             return
@@ -316,7 +324,7 @@ class DeepSpeedStrategy(Strategy):
         return {"deepspeed": {"params": params, "scalars": scalars, "param_groups": groups}}
 
     def load_optimizer_state_dict(self, optim_wrapper: Any, state: dict) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state
 
         saved = state.get("deepspeed")
         if saved is None:
@@ -328,11 +336,6 @@ class DeepSpeedStrategy(Strategy):
                 raise ConfigError(f"the checkpoint holds no optimizer state for {name}")
             for key, value in saved["params"][name].items():
                 safe_set_full_optimizer_state(param, value.to(self.device).flatten(), key)
-        weights = getattr(self, "_pending_masters", None)
-        if weights:
-            for name, param in self._trainable(self.engine):
-                safe_set_full_fp32_param(param, weights[name].to(self.device).flatten())
-        self._pending_masters = None
         for state_entry in optim_wrapper.base_optimizer.state.values():
             for key, value in saved["scalars"].items():
                 if torch.is_tensor(state_entry.get(key)):
@@ -374,11 +377,6 @@ class DeepSpeedStrategy(Strategy):
         link = getattr(optim_wrapper.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO-1/2 ties each weight to its slice of the state after the first step
             link()
-
-    def keep_masters(self, weights: dict[str, torch.Tensor]) -> None:
-        """The fp32 weights of a resumed checkpoint, set as the optimizer's masters once the engine exists
-        (the model itself holds them rounded to the training precision)."""
-        self._pending_masters = weights
 
 
 def _full_shape(param: nn.Parameter) -> torch.Size:
@@ -429,27 +427,22 @@ def choose_strategy(cfg: Any, strategy: Any = None, deepspeed: str | None = None
 def build_strategy(cfg: Any, device: torch.device, strategy: Any = None, deepspeed: str | None = None) -> Strategy:
     """The strategy for this run (see ``choose_strategy``)."""
     chosen, options = choose_strategy(cfg, strategy, deepspeed)
-    if chosen is None or chosen == "ddp":
-        try:
-            return Strategy(device, **options)
-        except TypeError as exc:
-            raise ConfigError(f"strategy options: {exc}") from None
+    if chosen not in (None, *STRATEGIES):
+        raise ConfigError(f"unknown strategy {chosen!r}; choose one of {', '.join(STRATEGIES)}")
     if chosen in ("fsdp2", "deepspeed"):
         from lmtune.engine.launch import init_single_process
 
         init_single_process()  # both engines need a process group, also of one process
-    if chosen == "fsdp2":
-        if get_world_size() == 1:
-            logger.info("FSDP2 with one process: nothing to shard; training as usual")
-        try:
-            return FSDP2Strategy(device, **options)
-        except TypeError as exc:
-            raise ConfigError(f"strategy options: {exc}") from None
     if chosen == "deepspeed":
         if "config" not in options:
             raise ConfigError("strategy deepspeed needs config=NAME or a JSON path (or use --deepspeed NAME)")
         return DeepSpeedStrategy(device, options.pop("config"), cfg)
-    raise ConfigError(f"unknown strategy {chosen!r}; choose one of {', '.join(STRATEGIES)}")
+    if chosen == "fsdp2" and get_world_size() == 1:
+        logger.info("FSDP2 with one process: nothing to shard; training as usual")
+    try:
+        return (FSDP2Strategy if chosen == "fsdp2" else Strategy)(device, **options)
+    except TypeError as exc:
+        raise ConfigError(f"strategy options: {exc}") from None
 
 
 __all__ = ["DeepSpeedStrategy", "FSDP2Strategy", "STRATEGIES", "Strategy", "build_strategy"]

@@ -136,6 +136,11 @@ class SupervisedFinetune(nn.Module):
         if not is_type_dict(llm):
             return llm
         cfg = dict(llm)
+        for flag in ("load_in_8bit", "load_in_4bit"):  # transformers 4 style; transformers 5 wants a config
+            if cfg.pop(flag, False) and cfg.get("quantization_config") is None:
+                from transformers import BitsAndBytesConfig
+
+                cfg["quantization_config"] = BitsAndBytesConfig(**{flag: True})
         quant = cfg.get("quantization_config")
         if quant is not None:
             quant_obj = build(quant, key="model.llm.quantization_config")
@@ -145,15 +150,6 @@ class SupervisedFinetune(nn.Module):
                 if self.device.type == "cuda":
                     cfg.setdefault("device_map", {"": self.device.index or 0})
             cfg["quantization_config"] = quant_obj
-        for flag in ("load_in_8bit", "load_in_4bit"):  # transformers 5 takes these via quantization_config only
-            if cfg.pop(flag, False) and quant is None:
-                from transformers import BitsAndBytesConfig
-
-                quant = cfg["quantization_config"] = BitsAndBytesConfig(**{flag: True})
-                self.quantized = True
-                check_4bit_backend(self.device.type, None)
-                if self.device.type == "cuda":
-                    cfg.setdefault("device_map", {"": self.device.index or 0})
         if "torch_dtype" in cfg and "dtype" not in cfg:  # transformers 5 renamed the argument
             cfg["dtype"] = cfg.pop("torch_dtype")
         dtype = cfg.get("dtype")

@@ -53,7 +53,6 @@ class CheckpointHook(Hook):
         self.continue_on_error = bool(continue_on_error)
         self._pending = False
 
-
     def _save(self, runner) -> None:
         self._pending = False
         if runner.last_saved_iter == runner.completed_iters:

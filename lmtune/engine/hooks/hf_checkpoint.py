@@ -27,7 +27,6 @@ class HFCheckpointHook(Hook):
         self.safe_serialization = safe_serialization
 
     def after_run(self, runner) -> None:
-        from lmtune.engine import checkpoint as ckpt
         from lmtune.tools.convert import export_model, pth_to_hf
 
         out_dir = Path(self.out_dir) if self.out_dir else runner.work_dir / "hf"
@@ -42,8 +41,8 @@ class HFCheckpointHook(Hook):
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()  # the export builds a plain model in this process, not a ZeRO-3 one
-            if is_main_process():
-                latest = ckpt.find_latest(runner.work_dir)
+            if is_main_process():  # the checkpoint of the last iteration, wherever the checkpoint hook put it
+                latest = runner.last_saved_path
                 pth_to_hf(latest / "config.py", latest, out_dir, **options)
         elif is_main_process():
             export_model(runner.unwrapped_model, runner.cfg, runner.config_text, out_dir, **options)

@@ -154,6 +154,7 @@ class Runner:
         self.message_hub = MessageHub()
         self.at_step_boundary = True
         self.last_saved_iter: int | None = None
+        self.last_saved_path: Path | None = None  # on rank 0: the newest checkpoint this run wrote
         name = Path(getattr(cfg, "filename", "config.py")).stem
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
         self.timestamp, self.log_dir = self._new_log_dir()
@@ -198,8 +199,6 @@ class Runner:
         if self._resume_state is not None:
             self._check_strategy(self.resume_from, self._resume_state)
             self.strategy.load_trainable_state_dict(model, self._resume_state["weights"])
-            if hasattr(self.strategy, "keep_masters"):
-                self.strategy.keep_masters(self._resume_state["weights"])
         elif load_from:
             self.strategy.load_trainable_state_dict(model, ckpt.load_checkpoint(load_from)["weights"])
             self.logger.info(f"Loaded weights from {load_from}")
@@ -457,7 +456,8 @@ class Runner:
             meta["optimizer_shards"] = get_world_size()
             shards = {ckpt.optimizer_shard_name(r): ckpt.staged_shard_path(work_dir, name, r)
                       for r in range(get_world_size())}
-            optimizer_state = self._stage_shard(work_dir, name, optimizer_state)
+            self._stage_shard(work_dir, name, optimizer_state)
+            optimizer_state = None  # rank 0 moves every rank's shard in instead of writing optimizer.pt
         checkpoint = {"meta": meta, "trainer": trainer}
         self.call_hook("before_save_checkpoint", checkpoint=checkpoint)
         path, error = None, None
@@ -469,7 +469,7 @@ class Runner:
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised on every rank
                 error = exc
         self._raise_on_any_rank(error)
-        self.last_saved_iter = step
+        self.last_saved_iter, self.last_saved_path = step, path
         return path
 
     def _stage_shard(self, work_dir: Path, name: str, state: dict | None) -> None:
@@ -481,7 +481,6 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             error = exc
         self._raise_on_any_rank(error)
-        return None
 
     def _raise_on_any_rank(self, error: Exception | None) -> None:
         failed = int(all_reduce_sum(torch.tensor(int(error is not None), device=self.device)))
