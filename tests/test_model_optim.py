@@ -160,3 +160,46 @@ def test_packing_probe_is_not_fooled_by_bf16_rounding(tiny_model_dir, monkeypatc
     assert model.packing_leak() < 0.02
     make_leaky(model, monkeypatch)
     assert model.packing_leak() > 0.05
+
+
+def test_lora_under_autocast_skips_peft_input_cast_with_the_same_results(tiny_model_dir, monkeypatch):
+    # bf16 frozen weights, fp32 adapters, bf16 autocast: peft's cast of each adapter input to fp32 is
+    # undone by autocast at once, so lmtune turns it off then; the loss and gradients stay bit-identical
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    from lmtune.model import sft
+
+    def make():
+        torch.manual_seed(0)
+        lora = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False)
+        return SupervisedFinetune(llm={**llm_cfg(tiny_model_dir), "dtype": torch.bfloat16}, lora=lora,
+                                  use_activation_checkpointing=True).train()
+
+    model = make()
+    with monkeypatch.context() as patch:  # peft's own behaviour, for reference
+        patch.setattr(sft, "_skip_lora_input_cast_under_autocast", lambda model: None)
+        reference = make()
+    seen = []
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        layer.register_forward_hook(lambda module, args, out: seen.append(module.cast_input_dtype_enabled))
+
+    def step(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**batch())["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    (loss, grads), (ref_loss, ref_grads) = step(model), step(reference)
+    assert seen and not any(seen)  # off in the forward and in the recomputation
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+    # without autocast the cast is back on: bf16 activations meet the fp32 adapters without a dtype error
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        model.llm.generate(input_ids=batch()["input_ids"], max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)
