@@ -392,4 +392,18 @@ def test_loss_chunk_size_is_checked():
         with pytest.raises(ConfigError, match="loss_chunk_size"):
             SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False, loss_chunk_size=bad)
     assert SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False, loss_chunk_size=None).loss_chunk_size == 0
-    assert SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False).loss_chunk_size == 1024
+    assert SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False).loss_chunk_size == "auto"
+
+
+def test_auto_loss_chunks_hold_128_mib_of_fp32_logits_whatever_the_vocabulary(monkeypatch):
+    from lmtune.model import loss as loss_mod
+
+    assert [loss_mod.auto_chunk_size(v) for v in (32000, 128256, 151936, 256000)] == [1024, 256, 192, 128]
+    assert loss_mod.auto_chunk_size(10**9) == 64
+    used = []
+    real = loss_mod._chunks
+    monkeypatch.setattr(loss_mod, "_chunks", lambda n, size: used.append(size) or real(n, size))
+    monkeypatch.setattr(loss_mod, "AUTO_CHUNK_LOGITS", 97 * 128)  # the tiny head's vocabulary is 97
+    model = SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False)
+    model(**packed_batch())
+    assert model.llm.get_output_embeddings().weight.shape[0] == 97 and used == [128]

@@ -47,7 +47,15 @@ from torch import nn
 
 from lmtune.utils.constants import IGNORE_INDEX
 
-DEFAULT_LOSS_CHUNK_SIZE = 1024
+DEFAULT_LOSS_CHUNK_SIZE = "auto"
+# "auto": as many positions per chunk as keep one chunk's fp32 logits at 2**25 values (128 MiB): 1,024
+# positions for a 32k vocabulary, 256 for 128k, 192 for Qwen's 152k, 128 for 256k (multiples of 64)
+AUTO_CHUNK_LOGITS = 2**25
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per loss chunk for a head of ``vocab_size`` outputs (see ``AUTO_CHUNK_LOGITS``)."""
+    return max(64, AUTO_CHUNK_LOGITS // max(int(vocab_size), 1) // 64 * 64)
 LOSS_IMPLS = ("liger", "linear", "module", "checkpoint")
 
 
@@ -386,6 +394,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: tor
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (tokens, hidden_size) and targets (tokens,); got {tuple(hidden.shape)} "
                          f"and {tuple(targets.shape)}")
+    if chunk_size == "auto":
+        weight = getattr(head, "weight", None)
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None)
+                                     or (weight.shape[0] if torch.is_tensor(weight) else 0))
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -107,20 +107,22 @@ class SupervisedFinetune(nn.Module):
     ``loss_chunk_size``: the loss runs the output head over the positions that
     have a label, this many tokens at a time (``lmtune.model.loss``), so the
     logits of all tokens are never held at once, in the forward or the backward
-    pass. ``None`` or 0: the model computes the logits of every labelled position
-    in one go (more memory; same loss up to float rounding).
+    pass. ``"auto"`` (the default) sizes the chunks by the vocabulary: 128 MiB of
+    fp32 logits per chunk (1,024 positions at 32k, 256 at 128k). ``None`` or 0:
+    the model computes the logits of every labelled position in one go (more
+    memory; same loss up to float rounding).
     """
 
     def __init__(self, llm: Any, lora: Any = None, peft_model: str | None = None,
                  use_activation_checkpointing: bool = True, use_varlen_attn: bool = False,
                  tokenizer: Any = None, max_position_embeddings: int | None = None,
-                 loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK_SIZE) -> None:
+                 loss_chunk_size: int | str | None = DEFAULT_LOSS_CHUNK_SIZE) -> None:
         super().__init__()
-        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int)
-                                            or loss_chunk_size < 0):
-            raise ConfigError(f"model.loss_chunk_size must be a positive integer, or 0/None for the plain loss; "
-                              f"got {loss_chunk_size!r}")
-        self.loss_chunk_size = int(loss_chunk_size or 0)
+        if loss_chunk_size not in (None, "auto") and (isinstance(loss_chunk_size, bool)
+                                                      or not isinstance(loss_chunk_size, int) or loss_chunk_size < 0):
+            raise ConfigError(f"model.loss_chunk_size must be 'auto', a positive integer, or 0/None for the plain "
+                              f"loss; got {loss_chunk_size!r}")
+        self.loss_chunk_size = loss_chunk_size if loss_chunk_size == "auto" else int(loss_chunk_size or 0)
         # None: the chunked loss is not yet checked against this model's own logits; then True or False
         self._chunked_loss_ok: bool | None = None
         self.device = default_device()
