@@ -12,6 +12,8 @@ from torch import nn
 from lmtune.config.build import build, is_type_dict
 from lmtune.config.errors import ConfigError
 from lmtune.engine.device import as_dtype, default_device, warn_once
+from lmtune.model.compile import compile_decoder_layers, compile_options
+from lmtune.model.lora_speed import speed_up_lora_layers
 from lmtune.model.loss import (
     DEFAULT_LOSS_CHUNK_SIZE,
     LogitTransform,
@@ -71,24 +73,6 @@ def _keep_4bit_weights_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _skip_lora_input_cast_under_autocast(model: nn.Module) -> None:
-    """peft casts each LoRA layer's input to the adapter's dtype (fp32 master weights) before the
-    adapter's matmuls; under autocast those matmuls cast it straight back to bf16/fp16, so every adapted
-    layer copies its activations twice for nothing (about a fifth of a bf16 LoRA step on a CPU). A
-    pre-hook turns peft's cast off while autocast is on and back on otherwise (without autocast it is
-    what lets 16-bit activations meet fp32 adapters), at every call, recomputation included."""
-    from peft.tuners.lora import LoraLayer
-
-    def match_autocast(module, args):
-        x = args[0] if args else None
-        if torch.is_tensor(x):
-            module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.register_forward_pre_hook(match_autocast)
-
-
 class SupervisedFinetune(nn.Module):
     """The model being fine-tuned.
 
@@ -111,13 +95,20 @@ class SupervisedFinetune(nn.Module):
     fp32 logits per chunk (1,024 positions at 32k, 256 at 128k). ``None`` or 0:
     the model computes the logits of every labelled position in one go (more
     memory; same loss up to float rounding).
+
+    ``torch_compile``: ``True`` (or a dict of ``torch.compile`` options such as
+    ``mode`` or ``backend``) compiles each decoder layer (``lmtune.model.compile``).
+    Off by default: compiling costs time at the start and its gain depends on the
+    hardware (docs/benchmarks.md).
     """
 
     def __init__(self, llm: Any, lora: Any = None, peft_model: str | None = None,
                  use_activation_checkpointing: bool = True, use_varlen_attn: bool = False,
                  tokenizer: Any = None, max_position_embeddings: int | None = None,
-                 loss_chunk_size: int | str | None = DEFAULT_LOSS_CHUNK_SIZE) -> None:
+                 loss_chunk_size: int | str | None = DEFAULT_LOSS_CHUNK_SIZE,
+                 torch_compile: bool | dict | None = False) -> None:
         super().__init__()
+        compile_with = compile_options(torch_compile)
         if loss_chunk_size not in (None, "auto") and (isinstance(loss_chunk_size, bool)
                                                       or not isinstance(loss_chunk_size, int) or loss_chunk_size < 0):
             raise ConfigError(f"model.loss_chunk_size must be 'auto', a positive integer, or 0/None for the plain "
@@ -153,6 +144,7 @@ class SupervisedFinetune(nn.Module):
                     param.data = param.data.float()
         self._keeps_logits = "logits_to_keep" in inspect.signature(self._base_model().forward).parameters
         self._logit_transform = LogitTransform.from_config(getattr(self._base_model(), "config", None))
+        self.compiled_layers = 0 if compile_with is None else compile_decoder_layers(self._base_model(), compile_with)
 
     # -- construction ----------------------------------------------------
     def _build_llm(self, llm: Any, max_position_embeddings: int | None) -> nn.Module:
@@ -201,7 +193,7 @@ class SupervisedFinetune(nn.Module):
 
         if peft_model is not None:
             self.llm = PeftModel.from_pretrained(self.llm, peft_model, is_trainable=True)
-            _skip_lora_input_cast_under_autocast(self.llm)
+            speed_up_lora_layers(self.llm)
             return
         lora_cfg = dict(lora) if is_type_dict(lora) else lora
         if isinstance(lora_cfg, dict):
@@ -216,7 +208,7 @@ class SupervisedFinetune(nn.Module):
                       f"so lora_dropout={lora_cfg.lora_dropout} is set to 0")
             lora_cfg.lora_dropout = 0.0
         self.llm = get_peft_model(self.llm, lora_cfg)
-        _skip_lora_input_cast_under_autocast(self.llm)
+        speed_up_lora_layers(self.llm)
 
     def _base_model(self) -> nn.Module:
         model = self.llm
