@@ -111,3 +111,36 @@ def test_supervised_finetune_trains_packed_rows_per_sample_and_exports_plain_con
 
     model.llm.save_pretrained(tmp_path / "export")
     assert PACKED_SDPA not in json.dumps(json.loads((tmp_path / "export" / "config.json").read_text()))
+
+
+def test_torch_compile_compiles_each_decoder_layer_and_keeps_the_loss(tiny_model_dir):
+    from lmtune.config import ConfigError
+    from lmtune.model.compile import decoder_layers
+
+    llm = dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=tiny_model_dir,
+               dtype=torch.float32)
+    reference = SupervisedFinetune(llm=llm, use_activation_checkpointing=True).train()
+    # the "eager" backend runs dynamo's tracing and graph breaks without the C++ build of inductor
+    model = SupervisedFinetune(llm=llm, use_activation_checkpointing=True,
+                               torch_compile=dict(backend="eager")).train()
+    layers = decoder_layers(model._base_model())
+    assert model.compiled_layers == len(layers) == model.llm.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert reference.compiled_layers == 0
+
+    batch = packed_batch()
+    for rows in (batch, {k: v[:1, :16] for k, v in batch.items()}):  # other boundaries: no recompiling error
+        losses, grads = [], []
+        for m in (reference, model):
+            m.zero_grad()
+            out = m(**rows)
+            out["loss"].backward()
+            losses.append(float(out["loss"]))
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    for bad in ("yes", dict(bogus=1)):
+        with pytest.raises(ConfigError, match="torch_compile"):
+            SupervisedFinetune(llm=llm, torch_compile=bad)

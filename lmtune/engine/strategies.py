@@ -30,6 +30,7 @@ from torch import nn
 
 from lmtune.config.errors import ConfigError
 from lmtune.engine.dist import all_reduce_sum, get_world_size, is_main_process
+from lmtune.model.compile import decoder_layers
 
 logger = logging.getLogger("lmtune")
 
@@ -128,8 +129,7 @@ class FSDP2Strategy(Strategy):
             raise ConfigError("FSDP2 cannot shard a 4-bit quantized model: use DDP (leave --strategy out) or "
                               "DeepSpeed (--deepspeed deepspeed_zero2) for QLoRA")
         causal_lm = model._base_model() if hasattr(model, "_base_model") else model
-        block_names = set(getattr(causal_lm, "_no_split_modules", None) or [])
-        blocks = [m for m in causal_lm.modules() if type(m).__name__ in block_names]
+        blocks = decoder_layers(causal_lm)
         if not blocks:
             raise ConfigError(f"FSDP2: cannot find the decoder layers of {type(causal_lm).__name__} "
                               "(its _no_split_modules is empty)")

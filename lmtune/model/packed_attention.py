@@ -76,13 +76,27 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.reshape(heads, batch, length, head_dim).permute(1, 2, 0, 3).contiguous(), None
 
 
+_forward = packed_sdpa_forward  # what is registered: torch.compiler.disable'd once compilation is asked for
+
+
 def register() -> None:
     """Make ``PACKED_SDPA`` a valid ``attn_implementation`` (its masks are sdpa's). Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    AttentionInterface.register(PACKED_SDPA, _forward)
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+def exclude_from_compile() -> None:
+    """Keep the per-sample attention out of ``torch.compile``'s graphs: its boundaries (a Python list)
+    change with every batch and would recompile the graph each time."""
+    global _forward
+    import torch
+
+    if _forward is packed_sdpa_forward:
+        _forward = torch.compiler.disable(packed_sdpa_forward)
+    register()
 
 
 def _has_unusual_attention(config: Any) -> bool:
