@@ -11,7 +11,9 @@
    the recomputation and the backward. ``FusedLoraLinear`` does the same in one
    ``addmm(base(x), A(x), B^T, alpha=scaling)``. Layers with anything else
    (DoRA and other variants, a LoRA bias, several active adapters, merged or
-   disabled adapters, mixed-adapter batches) run peft's own forward.
+   disabled adapters, mixed-adapter batches, DeepSpeed ZeRO-3 partitions, which
+   are gathered only when the adapter module itself is called) run peft's own
+   forward.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ if _PeftLinear is not None:
                 return super().forward(x, *args, **kwargs)
             name = active[0]
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            if hasattr(lora_b.weight, "ds_id"):  # ZeRO-3 gathers B's weight only when B itself is called
+                return super().forward(x)
             result = self.base_layer(x)
             out_dtype = result.dtype
             x = self._cast_input_dtype(x, lora_a.weight.dtype)

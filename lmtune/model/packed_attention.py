@@ -55,7 +55,7 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     bounds = kwargs.pop(SEGMENTS_KWARG, None)
-    batch, heads, length, head_dim = query.shape
+    batch, heads, length, _ = query.shape
     # transformers builds its block-diagonal mask exactly when it sees packed rows without a mask or a
     # cache; without one (it found plain causal attention enough) the boundaries do not apply
     if (bounds is None or attention_mask is None or key.shape[2] != length or bounds[-1] != batch * length
@@ -66,14 +66,15 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     groups = heads // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    # [batch, heads, length, dim] -> [heads, batch * length, dim]: samples never cross rows (each row starts one)
-    q, k, v = (t.transpose(0, 1).reshape(heads, batch * length, head_dim) for t in (query, key, value))
+    # [batch, heads, length, dim] -> [heads, batch * length, dim]: samples never cross rows (each row starts one).
+    # Values may have their own width (DeepSeek's multi-head latent attention).
+    q, k, v = (t.transpose(0, 1).reshape(heads, batch * length, t.shape[-1]) for t in (query, key, value))
     p = dropout if module.training else 0.0
     parts = [F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], dropout_p=p,
                                             scale=scaling, is_causal=True)[0]
              for s, e in zip(bounds[:-1], bounds[1:])]
-    out = torch.cat(parts, dim=1)  # [heads, batch * length, dim]
-    return out.reshape(heads, batch, length, head_dim).permute(1, 2, 0, 3).contiguous(), None
+    out = torch.cat(parts, dim=1)  # [heads, batch * length, value dim]
+    return out.reshape(heads, batch, length, -1).permute(1, 2, 0, 3).contiguous(), None
 
 
 _forward = packed_sdpa_forward  # what is registered: torch.compiler.disable'd once compilation is asked for
