@@ -176,7 +176,8 @@ class SupervisedFinetune(nn.Module):
                 cfg["attn_implementation"] = "flash_attention_2"
             else:
                 warn_once("use_varlen_attn=True: flash-attn is not available here, so packed samples are kept "
-                          "apart by SDPA with a block-diagonal mask instead (same results, slower).")
+                          "apart by SDPA instead: one call per sample, or a block-diagonal mask for models with "
+                          "sliding windows or soft-capping (same results).")
         if max_position_embeddings is not None:
             cfg["max_position_embeddings"] = max_position_embeddings
         model = build(cfg, key="model.llm")
