@@ -260,7 +260,7 @@ def run_one(name: str, args, tmp: Path, models: dict, data: Path, pad: int) -> d
     probe = work / "probe.json"
     probe.unlink(missing_ok=True)
     model = str(models[kind])
-    env = base_env(BENCH_T0=repr(time.time()), PYTHONPATH=str(HERE))
+    env = base_env(PYTHONPATH=str(HERE))
     if side == "trl":
         script = work / "trl_side.py"
         script.write_text(TRL_SIDE)

@@ -168,7 +168,7 @@ def test_lora_under_autocast_skips_peft_input_cast(tiny_model_dir, monkeypatch):
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
-    from lmtune.model import sft
+    from lmtune.model import lora_speed
 
     def make():
         torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_lora_under_autocast_skips_peft_input_cast(tiny_model_dir, monkeypatch):
 
     model = make()
     with monkeypatch.context() as patch:  # peft's own behaviour, for reference
-        patch.setattr(sft, "speed_up_lora_layers", lambda model: None)
+        patch.setattr(lora_speed, "speed_up_lora_layers", lambda model: None)
         reference = make()
     seen = []
     for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):

@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 
 
@@ -30,47 +32,37 @@ def _match_autocast(module: nn.Module, args: tuple) -> None:
         module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
 
 
-try:
-    from peft.tuners.lora.layer import Linear as _PeftLinear
-except ImportError:  # peft is a core dependency; this only keeps the module importable without it
-    _PeftLinear = None
+class FusedLoraLinear(PeftLinear):
+    """peft's LoRA ``Linear`` with the adapter's scaling and sum fused into one ``addmm``."""
 
-
-if _PeftLinear is not None:
-
-    class FusedLoraLinear(_PeftLinear):
-        """peft's LoRA ``Linear`` with the adapter's scaling and sum fused into one ``addmm``."""
-
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            active = [name for name in self.active_adapters if name in self.lora_A]
-            if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-                    or active[0] in self.lora_variant or self.lora_bias.get(active[0], False)):
-                return super().forward(x, *args, **kwargs)
-            name = active[0]
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            if hasattr(lora_b.weight, "ds_id"):  # ZeRO-3 gathers B's weight only when B itself is called
-                return super().forward(x)
-            result = self.base_layer(x)
-            out_dtype = result.dtype
-            x = self._cast_input_dtype(x, lora_a.weight.dtype)
-            down = lora_a(self.lora_dropout[name](x))
-            flat = result.reshape(-1, result.shape[-1])
-            if flat.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
-                flat = flat.to(down.dtype)  # as peft's sum promotes to the adapter's dtype
-            fused = torch.addmm(flat, down.reshape(-1, down.shape[-1]), lora_b.weight.t(),
-                                alpha=self.scaling[name])
-            return fused.reshape(result.shape).to(out_dtype)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+                or active[0] in self.lora_variant or self.lora_bias.get(active[0], False)):
+            return super().forward(x, *args, **kwargs)
+        name = active[0]
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if hasattr(lora_b.weight, "ds_id"):  # ZeRO-3 gathers B's weight only when B itself is called
+            return super().forward(x)
+        result = self.base_layer(x)
+        out_dtype = result.dtype
+        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        down = lora_a(self.lora_dropout[name](x))
+        flat = result.reshape(-1, result.shape[-1])
+        if flat.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+            flat = flat.to(down.dtype)  # as peft's sum promotes to the adapter's dtype
+        fused = torch.addmm(flat, down.reshape(-1, down.shape[-1]), lora_b.weight.t(),
+                            alpha=self.scaling[name])
+        return fused.reshape(result.shape).to(out_dtype)
 
 
 def speed_up_lora_layers(model: nn.Module) -> int:
     """Apply both changes to every LoRA layer of ``model``; returns how many plain Linear layers were fused."""
-    from peft.tuners.lora import LoraLayer
-
     fused = 0
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.register_forward_pre_hook(_match_autocast)
-        if _PeftLinear is not None and type(module) is _PeftLinear:
+        if type(module) is PeftLinear:
             module.__class__ = FusedLoraLinear
             fused += 1
     return fused

@@ -102,8 +102,7 @@ def exclude_from_compile() -> None:
 
 def _has_unusual_attention(config: Any) -> bool:
     """Sliding windows, logit soft-capping or attention sinks: kept on transformers' own sdpa."""
-    texts = [config, *(getattr(config, name, None) for name in ("text_config",))]
-    for cfg in filter(None, texts):
+    for cfg in filter(None, (config, getattr(config, "text_config", None))):
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             return True
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):

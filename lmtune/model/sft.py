@@ -13,7 +13,6 @@ from lmtune.config.build import build, is_type_dict
 from lmtune.config.errors import ConfigError
 from lmtune.engine.device import as_dtype, default_device, warn_once
 from lmtune.model.compile import compile_decoder_layers, compile_options
-from lmtune.model.lora_speed import speed_up_lora_layers
 from lmtune.model.loss import (
     DEFAULT_LOSS_CHUNK_SIZE,
     LogitTransform,
@@ -191,6 +190,8 @@ class SupervisedFinetune(nn.Module):
 
     def _add_lora(self, lora: Any, peft_model: str | None) -> None:
         from peft import PeftModel, get_peft_model
+
+        from lmtune.model.lora_speed import speed_up_lora_layers  # imports peft: only for LoRA runs
 
         if peft_model is not None:
             self.llm = PeftModel.from_pretrained(self.llm, peft_model, is_trainable=True)
