@@ -55,19 +55,33 @@ def test_chunked_equals_plain_loss_and_gradients(impl, transform):
 
 
 @pytest.mark.parametrize("impl", ["linear", "module"])
-def test_under_bf16_autocast_it_matches_the_plain_loss(impl):
+@pytest.mark.parametrize("transform", [LogitTransform(), GEMMA_LIKE], ids=["plain-logits", "scaled-softcapped"])
+def test_under_bf16_autocast_it_matches_the_plain_loss(impl, transform):
     """Mixed precision as in training: fp32 weights, bf16 matmuls, fp32 loss and weight gradient."""
     head, h, t = problem(n=500, hidden=64, vocab=3000)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+        ref = F.cross_entropy(transform(head(h)), t, ignore_index=IGNORE_INDEX, reduction="sum")
     ref_grads = torch.autograd.grad(ref, [h, *head.parameters()])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_cross_entropy_sum(h, head, t, 128, impl=impl)
+        out = linear_cross_entropy_sum(h, head, t, 128, transform, impl=impl)
     grads = torch.autograd.grad(out, [h, *head.parameters()])
     assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-4
     for g, r, p in zip(grads, ref_grads, (h, *head.parameters())):
         assert g.dtype == p.dtype == torch.float32
         assert rel_err(g, r) <= 1e-2  # bf16 rounding of the logits' gradient, in a different order
+
+
+def test_bf16_weights_without_autocast_accumulate_the_weight_gradient_in_fp32():
+    """A bf16 head trained without autocast: bf16 matmuls, fp32 sums of the per-chunk weight gradients."""
+    head, h, t = problem(n=500, hidden=64, vocab=3000)
+    ref, ref_grads = reference(head, h, t)
+    head16 = head.to(torch.bfloat16)
+    h16 = h.detach().to(torch.bfloat16).requires_grad_()
+    out = linear_cross_entropy_sum(h16, head16, t, 64, impl="linear")
+    grads = torch.autograd.grad(out * 3, [h16, *head16.parameters()])
+    assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) <= 2e-2
 
 
 def test_frozen_head_gets_no_gradient_and_hidden_still_does():
@@ -395,15 +409,18 @@ def test_loss_chunk_size_is_checked():
     assert SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False).loss_chunk_size == "auto"
 
 
-def test_auto_loss_chunks_hold_128_mib_of_fp32_logits_whatever_the_vocabulary(monkeypatch):
+def test_auto_loss_chunks_hold_128_mib_of_fp32_logits_on_gpus_and_256_positions_on_cpus(monkeypatch):
     from lmtune.model import loss as loss_mod
 
-    assert [loss_mod.auto_chunk_size(v) for v in (32000, 128256, 151936, 256000)] == [1024, 256, 192, 128]
-    assert loss_mod.auto_chunk_size(10**9) == 64
+    vocabs = (32000, 128256, 151936, 256000)
+    assert [loss_mod.auto_chunk_size(v, "cuda") for v in vocabs] == [1024, 256, 192, 128]
+    assert [loss_mod.auto_chunk_size(v, "cpu") for v in vocabs] == [256, 256, 256, 256]
+    assert loss_mod.auto_chunk_size(10**6, "cpu") == 64
+    assert loss_mod.auto_chunk_size(10**9) == loss_mod.auto_chunk_size(10**9, "cpu") == 64
     used = []
     real = loss_mod._chunks
     monkeypatch.setattr(loss_mod, "_chunks", lambda n, size: used.append(size) or real(n, size))
-    monkeypatch.setattr(loss_mod, "AUTO_CHUNK_LOGITS", 97 * 128)  # the tiny head's vocabulary is 97
+    monkeypatch.setattr(loss_mod, "CPU_CHUNK_POSITIONS", 128)  # the test batch is on the CPU
     model = SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False)
     model(**packed_batch())
     assert model.llm.get_output_embeddings().weight.shape[0] == 97 and used == [128]

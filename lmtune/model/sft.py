@@ -90,8 +90,9 @@ class SupervisedFinetune(nn.Module):
     ``loss_chunk_size``: the loss runs the output head over the positions that
     have a label, this many tokens at a time (``lmtune.model.loss``), so the
     logits of all tokens are never held at once, in the forward or the backward
-    pass. ``"auto"`` (the default) sizes the chunks by the vocabulary: 128 MiB of
-    fp32 logits per chunk (1,024 positions at 32k, 256 at 128k). ``None`` or 0:
+    pass. ``"auto"`` (the default): on accelerators, 128 MiB of fp32 logits per
+    chunk (1,024 positions at vocab 32k, 256 at 128k); on CPUs, 256 positions
+    (the fastest there, at 32k and 128k). ``None`` or 0:
     the model computes the logits of every labelled position in one go (more
     memory; same loss up to float rounding).
 
