@@ -84,6 +84,31 @@ def test_bf16_weights_without_autocast_accumulate_the_weight_gradient_in_fp32():
         assert g.dtype == torch.bfloat16 and rel_err(g, r) <= 2e-2
 
 
+def test_half_precision_chunks_on_cpu_run_matmuls_of_a_few_shapes_only():
+    """oneDNN compiles a kernel per matmul shape: the last, partial chunk is padded to a multiple of 64 rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out,
+                        torch.ops.aten.addmm.default):
+                a = args[1] if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmm.out) else args[0]
+                self.rows.update(size for size in a.shape if size not in (64, 3000))
+            return func(*args, **(kwargs or {}))
+
+    head, h, t = problem(n=500, hidden=64, vocab=3000)
+    for n in (500, 301, 77):
+        with Shapes() as shapes, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear_cross_entropy_sum(h[:n], head, t[:n], 128, impl="linear")
+        assert shapes.rows <= {128}, (n, shapes.rows)  # every chunk's matmuls are 128 rows long
+        ref = F.cross_entropy(head(h[:n]).float(), t[:n], ignore_index=IGNORE_INDEX, reduction="sum")
+        assert rel_err(out, ref) <= 1e-2
+
+
 def test_frozen_head_gets_no_gradient_and_hidden_still_does():
     head, h, t = problem(bias=False)
     head.weight.requires_grad_(False)

@@ -40,6 +40,20 @@ def test_lora_targets_every_linear_layer_but_the_head(tiny_model_dir):
     assert set(model.trainable_state_dict()) == set(trainable)
 
 
+def test_activation_checkpointing_recomputes_every_decoder_layer_but_the_last(tiny_model_dir):
+    from peft import LoraConfig
+
+    model = SupervisedFinetune(llm=llm_cfg(tiny_model_dir), use_activation_checkpointing=True,
+                               lora=dict(type=LoraConfig, r=4, lora_alpha=8)).train()
+    layers = list(model.llm.get_base_model().model.layers)
+    assert len(layers) >= 2
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # a pre-hook: the recompute stops early, once it has what backward needs
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(**batch())["loss"].backward()
+    assert calls == [2] * (len(layers) - 1) + [1]  # forward and recompute; the last layer's forward only
+
+
 def test_activation_checkpointing_with_lora_gives_the_same_loss_and_gradients(tiny_model_dir):
     from peft import LoraConfig
 

@@ -249,24 +249,36 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
         # the (chunk, vocab) buffers are allocated once and reused by every chunk: a fresh buffer of that
         # size costs page faults on each allocation (glibc maps large blocks anew), as much as the math on CPUs
         rows = min(chunk_size, hidden.shape[0])
-        z_buf = hidden.new_empty((rows, w.shape[0]), dtype=torch.float32)
         half = compute != torch.float32
+        # oneDNN builds a kernel for every new matmul shape, ~30 ms for the head's backward matmul on a CPU:
+        # there, a half-precision chunk whose length is not a multiple of 64 (the last one) is padded with
+        # zero rows, so only a few shapes ever occur
+        pad = 64 if half and hidden.device.type == "cpu" else 1
+        rows = -(-rows // pad) * pad
+        z_buf = hidden.new_empty((rows, w.shape[0]), dtype=torch.float32)
         logits_buf = hidden.new_empty(z_buf.shape, dtype=compute) if half else z_buf
         th_buf = torch.empty_like(z_buf) if transform.softcap is not None else None
         grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute else None
+        h_buf = hidden.new_empty((rows, w.shape[1]), dtype=compute) if pad > 1 else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start, end in _chunks(hidden.shape[0], chunk_size):
                 n = end - start
-                h = hidden[start:end].detach().to(compute)
+                m = -(-n // pad) * pad
+                if m == n:
+                    h = hidden[start:end].detach().to(compute)
+                else:
+                    h = h_buf[:m]
+                    h[:n].copy_(hidden[start:end].detach())
+                    h[n:].zero_()
                 t = targets[start:end]
-                logits = logits_buf[:n]
+                logits = logits_buf[:m]
                 if b is not None:
                     torch.addmm(b, h, w.t(), out=logits)
                 else:
                     torch.mm(h, w.t(), out=logits)
                 z = z_buf[:n]
                 if half:
-                    z.copy_(logits)
+                    z.copy_(logits[:n])
                 if transform.scale != 1.0:
                     z.mul_(transform.scale)
                 th = None
@@ -292,11 +304,13 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
                     inv = torch.where(valid, inv, 0.0)
                 e.mul_(inv[:, None])
                 if half:  # the logits' buffer is free again: it takes the gradient in the matmul dtype
-                    d = logits.copy_(e)
+                    d = logits
+                    d[:n].copy_(e)
+                    d[n:].zero_()
                 else:
                     d = e
                 if need_h:
-                    grad_h[start:end] = d @ w
+                    grad_h[start:end] = (d @ w)[:n]
                 if need_w:
                     if grad_w_buf is None:
                         grad_w.addmm_(d.t(), h)

@@ -12,7 +12,7 @@ from torch import nn
 from lmtune.config.build import build, is_type_dict
 from lmtune.config.errors import ConfigError
 from lmtune.engine.device import as_dtype, default_device, warn_once
-from lmtune.model.compile import compile_decoder_layers, compile_options
+from lmtune.model.compile import compile_decoder_layers, compile_options, decoder_layers
 from lmtune.model.loss import (
     DEFAULT_LOSS_CHUNK_SIZE,
     LogitTransform,
@@ -70,6 +70,18 @@ def _keep_4bit_weights_trainable(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _keep_last_layer_activations(llm: nn.Module) -> None:
+    """Turn activation checkpointing off in the last checkpointed decoder layer.
+
+    Its backward pass is the first to run, right after the loss: the activations it would
+    recompute are then held anyway, so checkpointing it only repeats its forward pass.
+    """
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    layers = [m for m in decoder_layers(base) if getattr(m, "gradient_checkpointing", False)]
+    if layers:
+        layers[-1].gradient_checkpointing = False
 
 
 class SupervisedFinetune(nn.Module):
@@ -132,6 +144,7 @@ class SupervisedFinetune(nn.Module):
             _keep_4bit_weights_trainable(self.llm)
         if use_activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _keep_last_layer_activations(self.llm)
         self.use_lora = lora is not None or peft_model is not None
         if self.use_lora:
             self._add_lora(lora, peft_model)
