@@ -96,8 +96,8 @@ def test_half_precision_chunks_on_cpu_run_matmuls_of_a_few_shapes_only():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out,
                         torch.ops.aten.addmm.default):
-                a = args[1] if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmm.out) else args[0]
-                self.rows.update(size for size in a.shape if size not in (64, 3000))
+                mats = args[1:3] if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmm.out) else args[:2]
+                self.rows.update(size for a in mats for size in a.shape if size not in (64, 3000))
             return func(*args, **(kwargs or {}))
 
     head, h, t = problem(n=500, hidden=64, vocab=3000)

@@ -228,7 +228,8 @@ def _fp32_out_addmm(device: torch.device) -> bool:
 class _LinearChunkedCrossEntropy(torch.autograd.Function):
     """``"linear"``: hand-written gradients of ``CE(transform(hidden @ weight.T + bias))``, chunk by chunk.
 
-    Per chunk: fp32 logits ``z`` (one buffer, modified in place), ``e = exp(z - max)`` and its row sums ``S``;
+    Per chunk: fp32 logits ``z`` (one buffer, modified in place, laid out (vocab, positions)),
+    ``e = exp(z - max)`` and its sums ``S`` over the vocabulary;
     the loss is ``max + log S - z[target]``, and the gradient of the logits is ``(e - S * one_hot) / S``
     (times the transform's derivative), cast to the matmul dtype in the buffer the logits came in. The
     buffers are allocated once per call, not once per chunk.
@@ -252,74 +253,76 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
         half = compute != torch.float32
         # oneDNN builds a kernel for every new matmul shape, ~30 ms for the head's backward matmul on a CPU:
         # there, a half-precision chunk whose length is not a multiple of 64 (the last one) is padded with
-        # zero rows, so only a few shapes ever occur
+        # zero rows, which count as ignored positions, so only a few shapes ever occur
         pad = 64 if half and hidden.device.type == "cpu" else 1
         rows = -(-rows // pad) * pad
-        z_buf = hidden.new_empty((rows, w.shape[0]), dtype=torch.float32)
-        logits_buf = hidden.new_empty(z_buf.shape, dtype=compute) if half else z_buf
-        th_buf = torch.empty_like(z_buf) if transform.softcap is not None else None
+        vocab = w.shape[0]
+        # the logits are computed transposed, (vocab, chunk) = weight @ hidden.T: the same numbers, but the
+        # matmul runs 1.2x (fp32) to 2x (bf16) faster on CPUs than (chunk, vocab) = hidden @ weight.T
+        z_flat = hidden.new_empty(vocab * rows, dtype=torch.float32)
+        logits_flat = hidden.new_empty(vocab * rows, dtype=compute) if half else z_flat
+        th_flat = torch.empty_like(z_flat) if transform.softcap is not None else None
         grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute else None
         h_buf = hidden.new_empty((rows, w.shape[1]), dtype=compute) if pad > 1 else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start, end in _chunks(hidden.shape[0], chunk_size):
                 n = end - start
                 m = -(-n // pad) * pad
+                t = targets[start:end]
+                ignored = any_ignored
                 if m == n:
                     h = hidden[start:end].detach().to(compute)
                 else:
                     h = h_buf[:m]
                     h[:n].copy_(hidden[start:end].detach())
                     h[n:].zero_()
-                t = targets[start:end]
-                logits = logits_buf[:m]
+                    t = torch.cat([t, t.new_full((m - n,), IGNORE_INDEX)])
+                    ignored = True
+                logits = logits_flat[:vocab * m].view(vocab, m)  # contiguous (vocab, m) views of the buffers
                 if b is not None:
-                    torch.addmm(b, h, w.t(), out=logits)
+                    torch.addmm(b[:, None], w, h.t(), out=logits)
                 else:
-                    torch.mm(h, w.t(), out=logits)
-                z = z_buf[:n]
+                    torch.mm(w, h.t(), out=logits)
+                z = z_flat[:vocab * m].view(vocab, m)
                 if half:
-                    z.copy_(logits[:n])
+                    z.copy_(logits)
                 if transform.scale != 1.0:
                     z.mul_(transform.scale)
                 th = None
                 if transform.softcap is not None:
-                    th = th_buf[:n]
+                    th = th_flat[:vocab * m].view(vocab, m)
                     torch.div(z, transform.softcap, out=th).tanh_()
                     torch.mul(th, transform.softcap, out=z)
                 valid = t != IGNORE_INDEX
-                safe_t = torch.where(valid, t, 0) if any_ignored else t
-                picked = z.gather(1, safe_t[:, None]).squeeze(1)
-                top = z.amax(dim=1, keepdim=True)
+                safe_t = (torch.where(valid, t, 0) if ignored else t)[None, :]
+                picked = z.gather(0, safe_t).squeeze(0)
+                top = z.amax(dim=0, keepdim=True)
                 e = z.sub_(top).exp_()
-                sums = e.sum(dim=1)
-                losses = top.squeeze(1) + sums.log() - picked
-                total += (torch.where(valid, losses, 0.0) if any_ignored else losses).sum()
+                sums = e.sum(dim=0)
+                losses = top.squeeze(0) + sums.log() - picked
+                total += (torch.where(valid, losses, 0.0) if ignored else losses).sum()
                 if not need_grad:
                     continue
-                e.scatter_add_(1, safe_t[:, None], -sums[:, None])  # e - S * one_hot
+                e.scatter_add_(0, safe_t, -sums[None, :])  # e - S * one_hot
                 if th is not None:  # d tanh(x) / dx = 1 - tanh(x)^2
                     e.mul_(th.mul_(th).neg_().add_(1.0))
                 inv = transform.scale / sums if transform.scale != 1.0 else sums.reciprocal()
-                if any_ignored:  # rows without a target get no gradient
+                if ignored:  # positions without a target get no gradient
                     inv = torch.where(valid, inv, 0.0)
-                e.mul_(inv[:, None])
-                if half:  # the logits' buffer is free again: it takes the gradient in the matmul dtype
-                    d = logits
-                    d[:n].copy_(e)
-                    d[n:].zero_()
-                else:
-                    d = e
+                e.mul_(inv[None, :])
+                # the logits' buffer is free again: it takes the gradient in the matmul dtype
+                d = logits.copy_(e) if half else e
                 if need_h:
-                    grad_h[start:end] = (d @ w)[:n]
+                    grad_h[start:end] = (d.t() @ w)[:n]
                 if need_w:
                     if grad_w_buf is None:
-                        grad_w.addmm_(d.t(), h)
+                        grad_w.addmm_(d, h)
                     elif _fp32_out_addmm(grad_w.device):
-                        torch.addmm(grad_w, d.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+                        torch.addmm(grad_w, d, h, out_dtype=grad_w.dtype, out=grad_w)
                     else:
-                        grad_w.add_(torch.mm(d.t(), h, out=grad_w_buf))
+                        grad_w.add_(torch.mm(d, h, out=grad_w_buf))
                 if need_b:
-                    grad_b.add_(d.sum(0, dtype=grad_b.dtype))
+                    grad_b.add_(d.sum(1, dtype=grad_b.dtype))
         ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = [hidden.dtype, weight.dtype, None if bias is None else bias.dtype]
         return total
