@@ -70,9 +70,11 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # Values may have their own width (DeepSeek's multi-head latent attention).
     q, k, v = (t.transpose(0, 1).reshape(heads, batch * length, t.shape[-1]) for t in (query, key, value))
     p = dropout if module.training else 0.0
-    parts = [F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], dropout_p=p,
-                                            scale=scaling, is_causal=True)[0]
-             for s, e in zip(bounds[:-1], bounds[1:])]
+    # split, not sliced: the backward pass of a split concatenates the gradients once, where each slice's
+    # would write its piece into a zeroed tensor of the whole row (15-30% of the attention's time on CPUs)
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=p, scale=scaling, is_causal=True)[0]
+             for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))]
     out = torch.cat(parts, dim=1)  # [heads, batch * length, value dim]
     return out.reshape(heads, batch, length, -1).permute(1, 2, 0, 3).contiguous(), None
 
