@@ -244,6 +244,12 @@ def test_fused_lora_linear_equals_peft_forward_and_gradients(tiny_model_dir, dor
         patch.setattr(PeftLinear, "forward", lambda self, *a, **k: peft_calls.append(1) or original(self, *a, **k))
         fused_loss, fused_grads = step()
     assert bool(peft_calls) == dora  # plain LoRA takes the fused path; DoRA falls back to peft's forward
+    peft_calls.clear()
+    with monkeypatch.context() as patch:  # inside torch.compile, always peft's forward (inductor fuses it)
+        patch.setattr(PeftLinear, "forward", lambda self, *a, **k: peft_calls.append(1) or original(self, *a, **k))
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled_loss, _ = step()
+    assert len(peft_calls) == len(layers) and float(compiled_loss) == pytest.approx(float(fused_loss), rel=1e-6)
     for m in layers:
         m.__class__ = PeftLinear  # peft's own forward
     peft_loss, peft_grads = step()

@@ -9,7 +9,8 @@
 2. A plain LoRA ``Linear`` computes ``base(x) + B(A(x)) * scaling``: two more
    passes over the layer's output (the scaling and the sum), in the forward,
    the recomputation and the backward. ``FusedLoraLinear`` does the same in one
-   ``addmm(base(x), A(x), B^T, alpha=scaling)``. Layers with anything else
+   ``addmm(base(x), A(x), B^T, alpha=scaling)`` (outside ``torch.compile``, which
+   fuses them itself). Layers with anything else
    (DoRA and other variants, a LoRA bias, several active adapters, merged or
    disabled adapters, mixed-adapter batches, DeepSpeed ZeRO-3 partitions, which
    are gathered only when the adapter module itself is called) run peft's own
@@ -37,7 +38,9 @@ class FusedLoraLinear(PeftLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+        # inside torch.compile (model.torch_compile), peft's forward: inductor fuses the scaling and the sum
+        # itself, and its bf16 CPU code for this addmm gave NaN gradients of B
+        if (torch.compiler.is_compiling() or args or kwargs or self.disable_adapters or self.merged or len(active) != 1
                 or active[0] in self.lora_variant or self.lora_bias.get(active[0], False)):
             return super().forward(x, *args, **kwargs)
         name = active[0]
