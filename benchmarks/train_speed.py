@@ -327,6 +327,28 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def median_runs(rounds: list[dict], names: list[str]) -> dict:
+    """Per run, the round with its median tokens/s (the lower middle one for an even count), with every
+    round's tokens/s in ``tokens_per_s_rounds``; a run that never succeeded keeps its last error."""
+    runs = {}
+    for name in names:
+        tried = [r[name] for r in rounds if name in r]
+        if not tried:
+            continue
+        ok = sorted((r for r in tried if r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"])
+        if not ok:
+            runs[name] = tried[-1]
+            continue
+        runs[name] = dict(ok[(len(ok) - 1) // 2], tokens_per_s_rounds=[r.get("tokens_per_s") for r in tried])
+    return runs
+
+
+def paired_ratios(rounds: list[dict], a: str, b: str) -> list[float]:
+    """tokens/s of ``a`` over ``b`` within each round where both ran."""
+    return [r[a]["tokens_per_s"] / r[b]["tokens_per_s"] for r in rounds
+            if r.get(a, {}).get("tokens_per_s") and r.get(b, {}).get("tokens_per_s")]
+
+
 def render(results: dict) -> str:
     rates = results["matmul_flops"]
     runs = results["runs"]
@@ -356,6 +378,15 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {r['sec_per_step']:.1f} | "
                      f"{r['tokens_per_step']:,.0f} | {r['first_step_s']:.0f} | {mem:,.0f} | {mfu:.0%} |")
     lines.append("")
+    rounds = results.get("rounds", [])
+    if len(rounds) > 1:
+        lines.append(f"Medians of {len(rounds)} interleaved rounds; tokens/s of each round: "
+                     + "; ".join(f"{name} " + ", ".join(f"{t:,.0f}" for t in r.get("tokens_per_s_rounds", []) if t)
+                                 for name, r in runs.items() if r.get("tokens_per_s_rounds")) + ".")
+        for a, b in (("lmtune", "xtuner_packed"), ("lmtune_bf16", "xtuner_packed"), ("lmtune", "trl_packing")):
+            pairs = paired_ratios(rounds, a, b)
+            if len(pairs) > 1:
+                lines.append(f"{a} / {b} within each round: " + ", ".join(f"{x:.2f}x" for x in pairs) + ".")
     lines.append(f"lmtune fp32 / XTuner packed: {ratio('lmtune', 'xtuner_packed')}; / XTuner unpacked: "
                  f"{ratio('lmtune', 'xtuner_unpacked')}; / TRL packing: {ratio('lmtune', 'trl_packing')}; "
                  f"/ TRL default: {ratio('lmtune', 'trl_default')}. lmtune bf16 / XTuner packed: "
@@ -385,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-cap-gib", type=float,
                         default=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 * 0.75, 1),
                         help="stop a side whose resident memory passes this (default: 75%% of the machine's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="interleaved rounds of the throughput runs; the table shows each run's median")
     parser.add_argument("--xtuner-python", default=str(HERE / ".venv-xtuner/bin/python"))
     parser.add_argument("--trl-python", default=str(HERE / ".venv-trl/bin/python"))
     args = parser.parse_args(argv)
@@ -420,12 +453,22 @@ def main(argv: list[str] | None = None) -> int:
         "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "runs": {}}
-    for name in names:
-        t0 = time.monotonic()
-        results["runs"][name] = run_one(name, args, tmp, models, data, pad)
-        results["runs"][name]["wall_s"] = time.monotonic() - t0
-        print(name, json.dumps({k: v for k, v in results["runs"][name].items() if k != "steps"})[:1500], flush=True)
-        (out / "train_speed.json").write_text(json.dumps(results, indent=2))
+    speed = [n for n in names if RUNS[n][5] == "speed"]
+    results["rounds"] = []
+    for round_no in range(args.repeat):
+        # interleaved rounds, every other one in reverse order: a shared machine's speed drifts over minutes
+        order = speed if round_no % 2 == 0 else speed[::-1]
+        if round_no == 0:
+            order = order + [n for n in names if n not in speed]  # memory runs: once
+        results["rounds"].append({})
+        for name in order:
+            t0 = time.monotonic()
+            result = run_one(name, args, tmp, models, data, pad)
+            result["wall_s"] = time.monotonic() - t0
+            results["rounds"][-1][name] = result
+            results["runs"] = median_runs(results["rounds"], names)
+            print(name, json.dumps({k: v for k, v in result.items() if k != "steps"})[:1500], flush=True)
+            (out / "train_speed.json").write_text(json.dumps(results, indent=2))
     after = {d: matmul_rate(d, args.device) for d in ("fp32", "bf16")}  # again, once the runs are done
     results["matmul_flops_before_after"] = {d: [results["matmul_flops"][d], after[d]] for d in after}
     results["matmul_flops"] = {d: max(results["matmul_flops"][d], after[d]) for d in after}
