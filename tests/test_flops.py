@@ -115,7 +115,8 @@ def test_supervised_finetune_and_quantized_layers_use_their_logical_size():
 
     model = SupervisedFinetune(tiny_llama(), use_activation_checkpointing=True, loss_chunk_size=0)
     counter = FlopCounter(model)
-    assert (counter.body.total, counter.head.total, counter.body.recomputed) == (BODY, HEAD, BODY)
+    # two equal layers; activation checkpointing recomputes the first only (the last one's backward follows at once)
+    assert (counter.body.total, counter.head.total, counter.body.recomputed) == (BODY, HEAD, BODY // 2)
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(64, 128, bias=False).to("cpu")  # quantized: its weight is packed bytes
     assert layer.weight.numel() != 64 * 128
