@@ -262,7 +262,10 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
         z_flat = hidden.new_empty(vocab * rows, dtype=torch.float32)
         logits_flat = hidden.new_empty(vocab * rows, dtype=compute) if half else z_flat
         th_flat = torch.empty_like(z_flat) if transform.softcap is not None else None
-        grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute else None
+        # a half-precision weight gradient goes into the fp32 accumulator: directly where the device can (CUDA),
+        # else through one buffer for every chunk's product
+        fp32_out = need_w and grad_w.dtype != compute and _fp32_out_addmm(w.device)
+        grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute and not fp32_out else None
         h_buf = hidden.new_empty((rows, w.shape[1]), dtype=compute) if pad > 1 else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start, end in _chunks(hidden.shape[0], chunk_size):
@@ -315,12 +318,12 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = (d.t() @ w)[:n]
                 if need_w:
-                    if grad_w_buf is None:
-                        grad_w.addmm_(d, h)
-                    elif _fp32_out_addmm(grad_w.device):
+                    if grad_w_buf is not None:
+                        grad_w.add_(torch.mm(d, h, out=grad_w_buf))
+                    elif fp32_out:
                         torch.addmm(grad_w, d, h, out_dtype=grad_w.dtype, out=grad_w)
                     else:
-                        grad_w.add_(torch.mm(d, h, out=grad_w_buf))
+                        grad_w.addmm_(d, h)
                 if need_b:
                     grad_b.add_(d.sum(1, dtype=grad_b.dtype))
         ctx.grads = [grad_h, grad_w, grad_b]

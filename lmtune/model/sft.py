@@ -72,14 +72,13 @@ def _keep_4bit_weights_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _keep_last_layer_activations(llm: nn.Module) -> None:
-    """Turn activation checkpointing off in the last checkpointed decoder layer.
+def _keep_last_layer_activations(causal_lm: nn.Module) -> None:
+    """Turn activation checkpointing off in the last checkpointed decoder layer of ``causal_lm``.
 
     Its backward pass is the first to run, right after the loss: the activations it would
     recompute are then held anyway, so checkpointing it only repeats its forward pass.
     """
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    layers = [m for m in decoder_layers(base) if getattr(m, "gradient_checkpointing", False)]
+    layers = [m for m in decoder_layers(causal_lm) if getattr(m, "gradient_checkpointing", False)]
     if layers:
         layers[-1].gradient_checkpointing = False
 
@@ -144,7 +143,7 @@ class SupervisedFinetune(nn.Module):
             _keep_4bit_weights_trainable(self.llm)
         if use_activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            _keep_last_layer_activations(self.llm)
+            _keep_last_layer_activations(self._base_model())
         self.use_lora = lora is not None or peft_model is not None
         if self.use_lora:
             self._add_lora(lora, peft_model)
