@@ -139,12 +139,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    import logging
+def quiet_libraries() -> None:
+    """Silence what the libraries print on every run that tells a user nothing.
 
-    # bitsandbytes announces at import that an optional CPU inference kernel from a model hub is missing;
-    # it is not used for training and the message only confuses (errors from it still show)
+    - bitsandbytes announces at import that an optional CPU inference kernel from a model hub is
+      missing; it is not used for training (errors from it still show).
+    - DeepSpeed, imported by accelerate whenever it is installed, warns that it falls back to the CPU
+      when it finds no accelerator: saying so (``DS_ACCELERATOR=cpu``, for this process and the ones it
+      starts) is the same choice without the warning. A machine with an accelerator is left alone.
+    - peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a warning on
+      each read; the same value under its new name, so the warning is about peft's code, not the user's.
+    - Progress bars of datasets, transformers and huggingface_hub are kept for terminals: in a log file
+      (CI, Slurm, ``> log``) each bar is a run of carriage returns on one long line.
+    """
+    import logging
+    import warnings
+
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        accelerator = getattr(torch, "accelerator", None)
+        has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+        if not has_accelerator:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        _disable_transformers_bars()
+
+
+def _disable_transformers_bars() -> None:
+    """transformers reads no environment variable for its bars (weight loading): switch them off."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -152,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = getattr(args, "debug", False)
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -154,6 +154,22 @@ def test_cli_prompts_from_arguments(tiny_model_dir, answers, capsys):
     assert capsys.readouterr().out == "".join(a + "\n" for a in answers)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_cli_repeated_prompts_are_one_conversation_unless_separate(tiny_model_dir, monkeypatch, capsys, separate):
+    histories: list[int] = []
+    real_chat = ChatSession.chat
+
+    def recording_chat(self, text, stream=None):
+        histories.append(len(self.history))  # the earlier turns this answer sees
+        return real_chat(self, text, stream)
+
+    monkeypatch.setattr(ChatSession, "chat", recording_chat)
+    argv = ["chat", tiny_model_dir, "--max-new-tokens", "3", "--prompt", "Hi", "--prompt", "Again", "--prompt", "X"]
+    assert _run(argv + (["--separate"] if separate else [])) == 0
+    assert histories == ([0, 0, 0] if separate else [0, 1, 2])
+    assert len(capsys.readouterr().out.splitlines()) >= 3
+
+
 def test_cli_prompts_from_stdin(tiny_model_dir, answers, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n"))
     rc = _run(["chat", tiny_model_dir, "--max-new-tokens", "4", "--prompt-template", "qwen_chat",

@@ -143,6 +143,7 @@ def check_settings(cfg: Config, model, method: str, dataset: str) -> None:
     assert cfg.SYSTEM == (SYSTEM_TEMPLATE.alpaca if dataset == "alpaca" else "")
     chat = cfg.custom_hooks[1]
     assert chat.prompt_template == cfg.prompt_template and chat.system == cfg.SYSTEM and chat.evaluation_inputs
+    assert cfg.max_new_tokens == chat.max_new_tokens == 256  # a setting of PART 1, not the hook's 600
     assert cfg.train_dataloader.dataset == data
 
 

@@ -146,6 +146,14 @@ def test_merge_equals_base_plus_adapter(lora_run, tiny_model_dir, tmp_path, devi
                                                                               dtype=torch.float32), str(adapter))
     torch.testing.assert_close(_logits(merged), _logits(reference), atol=1e-4, rtol=1e-4)
     AutoTokenizer.from_pretrained(str(merged_dir))
+    # the merged model chats with the training template and system prompt, as the adapter does
+    from lmtune.tools.chat import recorded_export
+
+    record = json.loads((adapter / convert.EXPORT_INFO).read_text())
+    merged_record = recorded_export(None, str(merged_dir))
+    assert merged_record["prompt_template"] == record["prompt_template"] == "internlm2_chat"
+    assert merged_record["lora"] is False and merged_record["merged_adapter"] == str(adapter.resolve())
+    assert (merged_dir / convert.CONFIG_COPY).read_text() == (adapter / convert.CONFIG_COPY).read_text()
 
 
 def test_merge_into_4bit_base_is_refused(lora_run, tiny_model_dir, tmp_path):

@@ -318,3 +318,61 @@ def test_a_run_stopped_by_max_iters_mid_epoch_continues_that_epoch(tmp_path, tin
     assert sorted(got) == [4, 5, 6]
     for it, loss in got.items():
         assert abs(loss - expected[it]) < 1e-6, (it, loss, expected[it])
+
+
+# ------------------------------------------------------------------ failed runs
+
+def test_a_run_that_fails_before_training_leaves_nothing_in_the_work_dir(tmp_path, tiny_model_dir, oasst1_dir):
+    cfg = Config.fromfile(SEED_CFG, {**seed_overrides(tiny_model_dir, str(tmp_path / "no_such_data")),
+                                     "custom_hooks.1.max_new_tokens": 2})
+    work = tmp_path / "fresh"
+    with pytest.raises(Exception, match="no_such_data"):
+        Runner.from_config(cfg, work_dir=str(work), seed=1)
+    assert not work.exists()  # made by the failed run, so removed with it
+
+    used = tmp_path / "used"
+    (used / "notes.txt").parent.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="no_such_data"):
+        Runner.from_config(cfg, work_dir=str(used), seed=1)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_that_fails_while_training_keeps_its_log_with_the_error(tmp_path, tiny_model_dir, oasst1_dir,
+                                                                      monkeypatch):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, nested={"model.llm.quantization_config": None},
+                         save_steps=100, evaluation_freq=100, accumulative_counts=1)
+    real_step = runner.train_loop.run_step
+    calls = {"n": 0}
+
+    def failing(group):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the machine broke")
+        return real_step(group)
+
+    monkeypatch.setattr(runner.train_loop, "run_step", failing)
+    with pytest.raises(RuntimeError):
+        runner.train()
+    log = (runner.log_dir / f"{runner.timestamp}.log").read_text()
+    assert "the run stopped at iteration 2: RuntimeError: the machine broke" in log.splitlines()[-1]
+    assert (runner.log_dir / "first_row.txt").is_file()  # the rest of the run's records stay with it
+
+
+def test_evaluation_logs_each_answer_as_it_comes_and_how_far_a_long_one_got(tmp_path, tiny_model_dir,
+                                                                           oasst1_dir, monkeypatch):
+    from lmtune.engine.hooks import EvaluateChatHook
+
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir, nested={"model.llm.quantization_config": None},
+                         evaluation_inputs=["one", "two"])
+    chat = next(h for h in runner.hooks if isinstance(h, EvaluateChatHook))
+    monkeypatch.setattr(EvaluateChatHook, "HEARTBEAT_S", 0.0)  # every token is "long"
+    chat._evaluate(runner, "now")
+    lines = (runner.log_dir / f"{runner.timestamp}.log").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Evaluate chat (now): 2 prompts, up to 6 new tokens each" in line)
+    told = [line for line in lines[start:] if "... answer" in line]
+    assert told and all("of at most 6 tokens so far" in line for line in told)
+    assert any("answer 1/2: 1 of at most" in line for line in told)
+    assert sum("  Q: one" in line for line in lines) == 1 and sum("  Q: two" in line for line in lines) == 1
+    records = [r for r in read_jsonl(runner.log_dir / "eval_chat.jsonl") if r["when"] == "now"]
+    assert [r["input"] for r in records] == ["one", "two"] and all(1 <= r["new_tokens"] <= 6 for r in records)

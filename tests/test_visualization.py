@@ -434,6 +434,14 @@ def test_a_resumed_runs_scalars_are_joined_in_iteration_order(resumed_work):
     assert [d.name for d in plot.run_parts(resumed_work / "20250101_090000")] == ["20250101_090000"]
 
 
+def test_four_panels_whether_or_not_throughput_was_measured():
+    measured = [row(i, 1.0, time=0.5, tokens_per_sec=10.0) for i in (1, 2)]
+    unmeasured = [row(i, 1.0, time=0.5) for i in (1, 2)]
+    assert [p[0] for p in plot.panels_of(measured)] == ["loss", "lr", "grad_norm", "tokens_per_sec"]
+    assert [p[0] for p in plot.panels_of(unmeasured)] == ["loss", "lr", "grad_norm", "time"]
+    assert plot.panels_of([{"iter": 1, "time": 0.5}]) == []  # time alone is no run to draw
+
+
 def test_parts_without_a_log_file_are_joined_by_their_iterations():
     first = [row(i, 1.0) for i in (2, 4, 6)]
     second = [row(i, 2.0) for i in (6, 8)]

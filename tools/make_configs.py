@@ -340,6 +340,8 @@ def _part1(model: Model, method: str, dataset: str) -> str:
     if dataset == "custom":
         out.append("# questions like those in your data, answered before, during and after training")
     out.append(f"evaluation_inputs = {data['inputs']}")
+    out.append("max_new_tokens = 256  # per answer: an untrained model may never stop, and each token costs a "
+               "forward pass")
     return "\n".join(out)
 
 
@@ -473,7 +475,8 @@ _PART5 = """# PART 5  Runtime
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
-         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template),
+         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
+         max_new_tokens=max_new_tokens),
 ]
 if use_varlen_attn:
     custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]

@@ -83,6 +83,16 @@ def _keep_last_layer_activations(causal_lm: nn.Module) -> None:
         layers[-1].gradient_checkpointing = False
 
 
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, by transformers 5's name for it where it has one
+    (``gradient_checkpointing_enable`` is its deprecated alias there)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class SupervisedFinetune(nn.Module):
     """The model being fine-tuned.
 
@@ -142,7 +152,7 @@ class SupervisedFinetune(nn.Module):
             self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
             _keep_4bit_weights_trainable(self.llm)
         if use_activation_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(self.llm)
             _keep_last_layer_activations(self._base_model())
         self.use_lora = lora is not None or peft_model is not None
         if self.use_lora:

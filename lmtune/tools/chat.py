@@ -358,6 +358,8 @@ def _chat(args) -> int:
             return 0
     if prompts:
         for text in prompts:
+            if args.separate:
+                session.reset()
             print(session.chat(text), flush=True)
         return 0
     return interactive(session, input_fn=_read_line, stream=not args.no_streamer)
@@ -386,8 +388,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stop-words", nargs="+", default=[], metavar="WORD", help="extra stop words")
     p.add_argument("--no-streamer", action="store_true", help="print each answer when it is complete")
     p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="answer TEXT and exit (repeat for several turns); without it, prompts are read "
+                   help="answer TEXT and exit; repeated, the prompts are the turns of one conversation (each "
+                        "answer sees the earlier ones) unless --separate is given. Without it, prompts are read "
                         "from stdin, one a line, when stdin is not a terminal")
+    p.add_argument("--separate", action="store_true",
+                   help="answer each --prompt (or stdin line) in a conversation of its own")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=_chat)
     return p

@@ -120,6 +120,7 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     model_cfg = dict(cfg.model)
     model_cfg.pop("type", None)
     model_cfg["use_activation_checkpointing"] = False
+    model_cfg["llm"] = _loadable_on_this_device(model_cfg.get("llm"))
     # full fine-tuning: the checkpoint holds every weight, so the base weights are never read
     skeleton = _empty_llm(model_cfg.get("llm")) if model_cfg.get("lora") is None and not model_cfg.get(
         "peft_model") else None
@@ -134,6 +135,23 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     return export_model(model, cfg, Path(config).read_text(encoding="utf-8"), save_dir, fp32=fp32,
                         max_shard_size=max_shard_size, safe_serialization=safe_serialization,
                         checkpoint=ckpt_dir)
+
+
+def _loadable_on_this_device(llm_cfg: Any) -> Any:
+    """``llm_cfg`` with float16 weights loaded as bfloat16 on a CPU, as training does there, but without its
+    warning: nothing is trained here, and the export is saved in the config's dtype all the same."""
+    import torch
+
+    from lmtune.config import is_type_dict
+    from lmtune.engine.device import as_dtype, default_device
+
+    if not is_type_dict(llm_cfg) or default_device().type != "cpu":
+        return llm_cfg
+    key = "dtype" if "dtype" in llm_cfg else "torch_dtype"
+    value = llm_cfg.get(key)
+    if value is None or value == "auto" or as_dtype(value) != torch.float16:
+        return llm_cfg
+    return {**llm_cfg, key: torch.bfloat16}
 
 
 def _empty_llm(llm_cfg: Any) -> Any:
@@ -238,7 +256,24 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | o
     _save_model(merged, save_dir, safe_serialization, max_shard_size=max_shard_size)
     has_tokenizer = any((adapter / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
     _save_tokenizer(adapter if has_tokenizer else base, save_dir)
+    _carry_export_record(adapter, save_dir, base)
     return save_dir
+
+
+def _carry_export_record(adapter: Path, save_dir: Path, base: str | os.PathLike) -> None:
+    """Give the merged model the adapter's training config and export record (template, system prompt),
+    so that ``lmtune chat MERGED`` talks as the adapter was trained to."""
+    if (adapter / CONFIG_COPY).is_file():
+        (save_dir / CONFIG_COPY).write_text((adapter / CONFIG_COPY).read_text(encoding="utf-8"), encoding="utf-8")
+    info: dict[str, Any] = {}
+    if (adapter / EXPORT_INFO).is_file():
+        try:
+            info = json.loads((adapter / EXPORT_INFO).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ConfigError(f"{adapter / EXPORT_INFO} is not valid JSON ({exc}); the merged model is in "
+                              f"{save_dir} without it") from None
+    info.update(lora=False, merged_adapter=str(adapter.resolve()), base_model=str(base))
+    (save_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
 
 
 # ------------------------------------------------------------------ command line

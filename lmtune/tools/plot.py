@@ -25,9 +25,11 @@ SCALARS_FILE = "scalars.jsonl"
 CURVES_FILE = "curves.png"
 MATPLOTLIB_HINT = "pip install matplotlib"  # or: pip install 'lmtune[plot]'
 
-# panels: (key in scalars.jsonl, title, log scale for the y axis)
+# panels: (key in scalars.jsonl, title, log scale for the y axis). The fourth shows the throughput where a
+# ThroughputHook logged it, else the time per iteration, which every run logs.
 PANELS = (("loss", "loss", False), ("lr", "learning rate", False), ("grad_norm", "gradient norm", True),
           ("tokens_per_sec", "throughput (tokens/s)", False))
+SPEED_FALLBACK = ("time", "time per iteration (s)", False)
 
 _LOG_DIR_NAME = re.compile(r"^(\d{8}_\d{6})(?:_(\d+))?$")
 _RESUMED = re.compile(r"Resumed from .* at iteration (\d+)")  # the Runner logs it before training starts
@@ -164,6 +166,15 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 # ------------------------------------------------------------------ drawing
 
+def panels_of(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """The panels ``rows`` fill: those of ``PANELS`` with data, the time per iteration standing in for an
+    unmeasured throughput (so a 2 x 2 figure has no empty corner)."""
+    panels = [(key, name, log) for key, name, log in PANELS if series(rows, key)[0]]
+    if panels and not series(rows, "tokens_per_sec")[0] and series(rows, SPEED_FALLBACK[0])[0]:
+        panels.append(SPEED_FALLBACK)
+    return panels
+
+
 def draw(rows: list[dict], out: str | Path, title: str | None = None, resumes: list[int] = ()) -> Path:
     """Write the curves of ``rows`` to ``out`` (PNG): one panel per logged quantity of ``PANELS``."""
     try:
@@ -173,7 +184,7 @@ def draw(rows: list[dict], out: str | Path, title: str | None = None, resumes: l
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError(f"plotting needs matplotlib, which is not installed: {MATPLOTLIB_HINT}") from None
-    panels = [(key, name, log) for key, name, log in PANELS if series(rows, key)[0]]
+    panels = panels_of(rows)
     if not panels:
         raise ConfigError("the scalars hold none of loss, lr, grad_norm or tokens_per_sec: nothing to plot")
     cols = 2 if len(panels) > 1 else 1

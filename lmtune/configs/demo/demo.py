@@ -11,13 +11,13 @@ from lmtune.dataset import DefaultSampler, process_hf_dataset
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
 from lmtune.engine.hooks import (
-                                 CheckpointHook,
-                                 DatasetInfoHook,
-                                 DistSamplerSeedHook,
-                                 EvaluateChatHook,
-                                 IterTimerHook,
-                                 LoggerHook,
-                                 ParamSchedulerHook,
+    CheckpointHook,
+    DatasetInfoHook,
+    DistSamplerSeedHook,
+    EvaluateChatHook,
+    IterTimerHook,
+    LoggerHook,
+    ParamSchedulerHook,
 )
 from lmtune.engine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from lmtune.engine.runner import TrainLoop
@@ -58,6 +58,7 @@ save_total_limit = 2  # -1 keeps every checkpoint
 evaluation_freq = 300
 SYSTEM = SYSTEM_TEMPLATE.alpaca
 evaluation_inputs = ["What is the capital of France?", "Which country has the capital Lima?"]
+max_new_tokens = 24  # per answer: the answers are a few words, and an untrained model never stops
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -128,7 +129,7 @@ custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
          evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
-         max_new_tokens=24),
+         max_new_tokens=max_new_tokens),
 ]
 
 default_hooks = dict(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from typing import Any
 
 import torch
@@ -23,10 +25,13 @@ from lmtune.utils.templates import get_template
 
 
 class DatasetInfoHook(Hook):
-    """Before training: the dataset size and the first row decoded, with what is trained marked.
+    """Before training: the dataset size and the first sample of the first row decoded, with what is
+    trained marked; the whole first row (all its packed samples) goes to ``<log_dir>/first_row.txt``.
 
     Masked (untrained) runs of the labels are shown as ``[masked: N tokens]``.
     """
+
+    MAX_LINES = 30  # of the sample shown on the console; the file has it whole
 
     def __init__(self, tokenizer: Any, is_intern_repo_dataset: bool = False) -> None:
         self.tokenizer = tokenizer
@@ -37,9 +42,25 @@ class DatasetInfoHook(Hook):
         tokenizer = build(self.tokenizer, key="DatasetInfoHook.tokenizer")
         dataset = runner.train_dataloader.dataset
         row = dataset[0]
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        lengths = list(row.get("num_tokens") or [len(ids)])
+        path = runner.log_dir / "first_row.txt"
+        path.write_text("[first row, input]\n" + tokenizer.decode(ids) + "\n\n[first row, trained tokens]\n"
+                        + self.render_labels(tokenizer, labels) + "\n", encoding="utf-8")
+        sample = lengths[0]
+        where = (f"sample 1 of the {len(lengths)} packed into the first row ({sample} of its {len(ids)} tokens)"
+                 if len(lengths) > 1 else f"the first row ({len(ids)} tokens)")
         runner.logger.info(f"Num train rows: {len(dataset)}")
-        runner.logger.info("[first row, input]\n" + tokenizer.decode(row["input_ids"]))
-        runner.logger.info("[first row, trained tokens]\n" + self.render_labels(tokenizer, row["labels"]))
+        runner.logger.info(f"[{where}, input]\n" + self._head(tokenizer.decode(ids[:sample])))
+        runner.logger.info(f"[{where}, trained tokens]\n"
+                           + self._head(self.render_labels(tokenizer, labels[:sample]))
+                           + f"\n(the whole first row: {path})")
+
+    def _head(self, text: str) -> str:
+        lines = text.splitlines()
+        if len(lines) <= self.MAX_LINES:
+            return text
+        return "\n".join(lines[: self.MAX_LINES] + [f"... ({len(lines) - self.MAX_LINES} more lines)"])
 
     @staticmethod
     def render_labels(tokenizer, labels: list[int]) -> str:
@@ -63,6 +84,32 @@ class DatasetInfoHook(Hook):
         return "".join(parts)
 
 
+class _TokenCounter:
+    """A ``generate`` streamer that reports how many tokens have been generated (the prompt excluded)."""
+
+    def __init__(self, prompt_len: int, report) -> None:
+        self.prompt_len = prompt_len
+        self.report = report
+        self.seen_prompt = False
+        self.tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # generate() first sends the prompt
+            self.seen_prompt = True
+            if value.numel() == self.prompt_len:
+                return
+        self.tokens += value.numel()
+        self.report(self.tokens)
+
+    def end(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _nowhere():
+    yield None
+
+
 class EvaluateChatHook(Hook):
     """Answers ``evaluation_inputs`` with the training template and system prompt.
 
@@ -76,6 +123,7 @@ class EvaluateChatHook(Hook):
     """
 
     priority = "LOW"
+    HEARTBEAT_S = 20.0
 
     def __init__(self, tokenizer: Any, evaluation_inputs: list[str] | str, evaluation_images: Any = None,
                  system: str = "", prompt_template: Any = None, every_n_iters: int | None = None,
@@ -117,12 +165,20 @@ class EvaluateChatHook(Hook):
 
     @torch.no_grad()
     def generate(self, runner) -> list[str]:
+        """The answers to every evaluation input."""
+        return [answer for answer, _ in self.answers(runner)]
+
+    @torch.no_grad()
+    def answers(self, runner, progress: Any = None):
+        """Yield ``(answer, number of generated tokens)`` for each evaluation input, as each is done.
+
+        ``progress``, if given, is called with the number of tokens generated so far for the current
+        input, after every new token."""
         self.tokenizer = tokenizer = build(self.tokenizer, key="EvaluateChatHook.tokenizer")
         model = runner.unwrapped_model.llm
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        answers = []
         eos = [t for t in [tokenizer.eos_token_id] if t is not None]
         eos += [i for w in self.stop_words
                 if (i := tokenizer.convert_tokens_to_ids(w)) is not None and i != tokenizer.unk_token_id]
@@ -143,6 +199,8 @@ class EvaluateChatHook(Hook):
                     kwargs.update(stop_strings=stop_words, tokenizer=tokenizer)
                 if getattr(runner.strategy, "shards_params", False):
                     kwargs["synced_gpus"] = True  # every rank takes part in each forward until all are done
+                if progress is not None and int(self.generation_kwargs.get("num_beams", 1)) == 1:
+                    kwargs["streamer"] = _TokenCounter(ids.shape[1], progress)  # generate() streams no beams
                 kwargs.update(self.generation_kwargs)
                 with runner.optim_wrapper.optim_context():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -150,22 +208,39 @@ class EvaluateChatHook(Hook):
                 for word in trim_words:
                     if word and word in answer:
                         answer = answer.split(word)[0]
-                answers.append(answer)
+                yield answer, int(out.shape[1] - ids.shape[1])
         finally:
             model.train(was_training)
-        return answers
 
     def _evaluate(self, runner, when: str) -> None:
-        answers = self.generate(runner)
-        if not is_main_process():
-            return
-        lines = [f"Evaluate chat ({when}):"]
-        with open(runner.log_dir / "eval_chat.jsonl", "a", encoding="utf-8") as fh:
-            for text, answer in zip(self.inputs, answers):
-                lines.append(f"  Q: {text}\n  A: {answer}")
+        """Answer the inputs, logging each answer as soon as it is complete; while one takes long, a line
+        every ``HEARTBEAT_S`` seconds says how far it got (so a slow CPU run does not look hung)."""
+        main = is_main_process()
+        count = len(self.inputs)
+        if main:
+            runner.logger.info(f"Evaluate chat ({when}): {count} prompt{'s' if count != 1 else ''}, up to "
+                               f"{self.max_new_tokens} new tokens each")
+        started = time.monotonic()
+        state = {"index": 0, "since": started}
+
+        def progress(tokens: int) -> None:
+            now = time.monotonic()
+            if main and now - state["since"] >= self.HEARTBEAT_S:
+                state["since"] = now
+                runner.logger.info(f"  ... answer {state['index'] + 1}/{count}: {tokens} of at most "
+                                   f"{self.max_new_tokens} tokens so far")
+
+        with open(runner.log_dir / "eval_chat.jsonl", "a", encoding="utf-8") if main else _nowhere() as fh:
+            for index, (text, (answer, tokens)) in enumerate(zip(self.inputs, self.answers(runner, progress))):
+                state["index"], state["since"] = index + 1, time.monotonic()
+                if not main:
+                    continue
+                runner.logger.info(f"  Q: {text}\n  A: {answer}")
                 fh.write(json.dumps({"iter": runner.completed_iters, "when": when, "input": text,
-                                     "output": answer}, ensure_ascii=False) + "\n")
-        runner.logger.info("\n".join(lines))
+                                     "output": answer, "new_tokens": tokens}, ensure_ascii=False) + "\n")
+                fh.flush()
+        if main and time.monotonic() - started >= self.HEARTBEAT_S:
+            runner.logger.info(f"Evaluate chat ({when}) took {time.monotonic() - started:.0f} s")
 
     def before_train(self, runner) -> None:
         self._evaluate(runner, "before training")

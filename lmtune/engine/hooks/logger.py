@@ -179,6 +179,7 @@ class LoggerHook(Hook):
         self._bar: ProgressBar | None = None
         self._swapped: list[tuple[logging.StreamHandler, Any]] = []
         self._last_loss: float | None = None
+        self._run_time, self._run_iters = 0.0, 0
         self._reset()
 
     def _reset(self) -> None:
@@ -245,6 +246,7 @@ class LoggerHook(Hook):
     def before_train(self, runner) -> None:
         self._reset()
         self._last_loss = None
+        self._run_time, self._run_iters = 0.0, 0
         self._path = runner.log_dir / "scalars.jsonl"
         visualizer = getattr(runner, "visualizer", None)
         if visualizer is not None and is_main_process():
@@ -259,7 +261,10 @@ class LoggerHook(Hook):
         self._tokens += int(outputs.get("num_tokens", 0))
         if "grad_norm" in outputs and outputs["grad_norm"] is not None:
             self._grad_norms.append(float(outputs["grad_norm"]))
-        self._times.append(runner.message_hub.get("time", 0.0))
+        step_time = runner.message_hub.get("time", 0.0)
+        self._times.append(step_time)
+        self._run_time += step_time
+        self._run_iters += 1
         last = self.is_last_iter(runner)
         throughput = self._throughput(runner, outputs)
         if not (self.every_n_iters(runner, self.interval) or (last and not self.ignore_last)):
@@ -276,7 +281,8 @@ class LoggerHook(Hook):
             scalars["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
         scalars["memory"] = peak_memory_mib()
         scalars.update(throughput)
-        eta = scalars["time"] * (runner.max_iters - runner.iter - 1)
+        # the mean over the whole run so far: one slow interval (an evaluation, a busy machine) moves it little
+        eta = self._run_time / self._run_iters * (runner.max_iters - runner.iter - 1)
         self._reset()
         self._last_loss = scalars["loss"]
         if not is_main_process():

@@ -157,8 +157,17 @@ class Runner:
         self.last_saved_path: Path | None = None  # on rank 0: the newest checkpoint this run wrote
         name = Path(getattr(cfg, "filename", "config.py")).stem
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
+        self._made_work_dir = not self.work_dir.exists()
         self.timestamp, self.log_dir = self._new_log_dir()
         barrier()
+        try:
+            self._build(cfg, name, seed, resume, load_from, strategy, deepspeed)
+        except BaseException:
+            self._discard_log_dir()
+            raise
+
+    def _build(self, cfg: Config, name: str, seed: int | None, resume: bool | str | None, load_from: str | None,
+               strategy: Any, deepspeed: str | None) -> None:
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
         check_top_level_keys(cfg)
         sp_size = cfg.get("sequence_parallel_size", 1)
@@ -227,14 +236,51 @@ class Runner:
                                 "the work dir gets the original file instead.")
         if is_main_process():
             (self.log_dir / f"{name}.py").write_text(text, encoding="utf-8")
-            target = self.work_dir / f"{name}.py"
-            source = Path(getattr(self.cfg, "filename", "")).resolve()
-            if target.resolve() == source:
-                self.logger.warning(f"not writing the effective config over {source} (the work dir holds the "
-                                    f"config itself); it is in {self.log_dir}")
-            else:
-                target.write_text(text, encoding="utf-8")
+        self._config_name = name
         return text
+
+    def _publish_config(self) -> None:
+        """The effective config beside the checkpoints, once the run gets as far as training."""
+        if not is_main_process():
+            return
+        target = self.work_dir / f"{self._config_name}.py"
+        source = Path(getattr(self.cfg, "filename", "")).resolve()
+        if target.resolve() == source:
+            self.logger.warning(f"not writing the effective config over {source} (the work dir holds the "
+                                f"config itself); it is in {self.log_dir}")
+        else:
+            target.write_text(self.config_text, encoding="utf-8")
+
+    def _discard_log_dir(self) -> None:
+        """A run that fails before its first iteration leaves no trace in the work dir: its log dir (log,
+        config copy, first row) and the work dir itself when the run made it and nothing else is there. The
+        error is on the console; the work dir holds records of runs that trained."""
+        import shutil
+
+        if not is_main_process():
+            return
+        self._close_log_file()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self._made_work_dir:
+            try:
+                self.work_dir.rmdir()  # only if empty
+            except OSError:
+                pass
+
+    def _close_log_file(self) -> None:
+        for handler in list(self.logger.handlers if hasattr(self, "logger") else []):
+            if isinstance(handler, logging.FileHandler) and getattr(handler, "_lmtune", False):
+                self.logger.removeHandler(handler)
+                handler.close()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """The error that ended a run that trained goes into its log file too (the console has it already)."""
+        if not is_main_process():
+            return
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        stamp = time.strftime("%m/%d %H:%M:%S")
+        with open(self.log_dir / f"{self.timestamp}.log", "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} - lmtune - ERROR - the run stopped at iteration {self.completed_iters}: {what}\n")
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Runner:
@@ -466,6 +512,7 @@ class Runner:
                 path = ckpt.save_checkpoint(work_dir, name, weights, optimizer_state, trainer, meta,
                                             extra_files={"config.py": self.config_text}, move_in=shards)
                 self.logger.info(f"Saved checkpoint {path}")
+                self._publish_config()
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised on every rank
                 error = exc
         self._raise_on_any_rank(error)
@@ -547,12 +594,21 @@ class Runner:
 
     # -- running ---------------------------------------------------------
     def train(self) -> torch.nn.Module:
-        self.call_hook("before_run")
-        self.model.train()
-        model = self.train_loop.run()
-        self.call_hook("after_run")
-        if self.visualizer is not None:
-            self.visualizer.close()
+        start = self.completed_iters
+        try:
+            self.call_hook("before_run")
+            self.model.train()
+            model = self.train_loop.run()
+            self.call_hook("after_run")
+        except BaseException as exc:
+            if self.completed_iters == start and self.last_saved_path is None:
+                self._discard_log_dir()
+            else:
+                self._record_failure(exc)
+            raise
+        finally:
+            if self.visualizer is not None:
+                self.visualizer.close()
         return model
 
 

@@ -58,6 +58,7 @@ save_total_limit = 2  # -1 keeps all
 evaluation_freq = 500
 SYSTEM = ""
 evaluation_inputs = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+max_new_tokens = 256  # per answer: an untrained model may never stop, and each token costs a forward pass
 
 # PART 2  Model & Tokenizer
 tokenizer = dict(
@@ -124,7 +125,8 @@ train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
-         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template),
+         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
+         max_new_tokens=max_new_tokens),
 ]
 if use_varlen_attn:
     custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]

@@ -65,6 +65,7 @@ evaluation_freq = 500
 SYSTEM = ""  # set it to the system message your data uses, if any
 # questions like those in your data, answered before, during and after training
 evaluation_inputs = ["Hello! Who are you?", "What can you help me with?"]
+max_new_tokens = 256  # per answer: an untrained model may never stop, and each token costs a forward pass
 
 # PART 2  Model & Tokenizer
 tokenizer = dict(
@@ -140,7 +141,8 @@ train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 custom_hooks = [
     dict(type=DatasetInfoHook, tokenizer=tokenizer),
     dict(type=EvaluateChatHook, tokenizer=tokenizer, every_n_iters=evaluation_freq,
-         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template),
+         evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
+         max_new_tokens=max_new_tokens),
 ]
 if use_varlen_attn:
     custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
