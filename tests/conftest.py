@@ -12,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# hub code a test runs on purpose (trust_remote_code) is cached here, never in the user's HF cache
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="lmtune-test-modules-"))
 # processed-dataset and tiny-model caches of this test session, never the user's
 os.environ.setdefault("LMTUNE_CACHE", tempfile.mkdtemp(prefix="lmtune-test-cache-"))
 

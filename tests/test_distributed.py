@@ -335,3 +335,26 @@ def test_a_failing_rank_ends_the_run_promptly(tmp_path, tiny_model_dir, data_dir
     done = subprocess.run(cmd, env=_env(2), capture_output=True, text=True, timeout=1200)
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
+
+
+# ------------------------------------------------------------------ a ported hub-code family (InternLM2)
+
+@needs_deepspeed
+@pytest.mark.parametrize("engine", ["deepspeed_zero3", "fsdp2"])
+def test_a_hub_layout_internlm2_trains_sharded_resumes_and_exports_in_its_layout(tmp_path, data_dir, engine):
+    from hub_models import internlm2_dir
+
+    from lmtune.tools.convert import pth_to_hf
+
+    hub_dir = internlm2_dir(tmp_path / "hub")
+    opts = _opts(str(hub_dir), data_dir, full=True, lr=1e-2) + ["model.llm.trust_remote_code=True"]
+    flags = ("--deepspeed", engine) if engine.startswith("deepspeed") else ("--strategy", engine)
+    work = tmp_path / "work"
+    done = train(work, opts, *flags)
+    if engine == "deepspeed_zero3":
+        assert "ZeRO-3:" in done.stdout and "weights were sharded as they loaded" in done.stdout
+    assert sorted(losses(work)) == [1, 2, 3, 4]
+    resume_from_middle(work, tmp_path / "resumed", opts, *flags)
+    out = pth_to_hf(None, ckpt.find_latest(work), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "internlm2"
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(hub_dir / "model.safetensors")))

@@ -143,8 +143,11 @@ def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
             kwargs[name] = value
     check_kwargs(fn, kwargs, key)
     _check_local_path(fn, kwargs, key)
+    from lmtune.ports import native_callable  # hub-code families: transformers' implementation, no remote code
+
+    call = native_callable(fn, kwargs) or fn
     try:
-        return fn(**kwargs)
+        return call(**kwargs)
     except (TypeError, ValueError) as exc:
         # raised by the callable for the values it was given: a config mistake, reported with its key
         name = getattr(fn, "__qualname__", repr(fn))

@@ -22,6 +22,7 @@ from lmtune.model.loss import (
 )
 from lmtune.model.packed_attention import SEGMENTS_KWARG, segment_bounds, use_packed_sdpa
 from lmtune.model.quantization import check_4bit_backend
+from lmtune.ports import native_target_modules
 from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
@@ -224,9 +225,12 @@ class SupervisedFinetune(nn.Module):
         if isinstance(lora_cfg, dict):
             if lora_cfg.get("target_modules") is None:
                 lora_cfg["target_modules"] = find_all_linear_names(self.llm)
+            lora_cfg["target_modules"] = native_target_modules(self.llm, lora_cfg["target_modules"])
             lora_cfg = build(lora_cfg, key="model.lora")
         elif getattr(lora_cfg, "target_modules", None) is None:
             lora_cfg.target_modules = find_all_linear_names(self.llm)
+        else:
+            lora_cfg.target_modules = native_target_modules(self.llm, lora_cfg.target_modules)
         if getattr(lora_cfg, "lora_dropout", 0) and _has_fused_experts(self.llm):
             # transformers 5 fuses MoE experts into 3-D weights; peft adapts them only without dropout
             warn_once(f"{type(self.llm).__name__} keeps its MoE experts fused: LoRA on them needs lora_dropout=0, "

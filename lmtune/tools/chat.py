@@ -257,11 +257,16 @@ def default_prompt_template(tokenizer, *dirs: str | Path | None) -> Any:
     return "auto" if has_chat_template(tokenizer) else None
 
 
-def load_for_chat(model: str, adapter: str | None = None, bits: int | None = None, torch_dtype: str = "auto"):
+def load_for_chat(model: str, adapter: str | None = None, bits: int | None = None, torch_dtype: str = "auto",
+                  trust_remote_code: bool = False):
     """``(model, tokenizer)``: the model (with the PEFT ``adapter`` and 4/8-bit quantization when
-    asked), and the tokenizer of the adapter dir when it has one, else of the model dir."""
+    asked), and the tokenizer of the adapter dir when it has one, else of the model dir. A hub-code
+    family lmtune ports loads natively; another repository's own code runs only with
+    ``trust_remote_code``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmtune import ports
 
     dtype = DTYPES.get(torch_dtype, torch_dtype)
     if dtype != "auto":
@@ -280,7 +285,7 @@ def load_for_chat(model: str, adapter: str | None = None, bits: int | None = Non
         else:
             raise ValueError(f"bits must be 4 or 8, not {bits!r}")
         kwargs["device_map"] = "auto"
-    llm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    llm = ports.from_pretrained(AutoModelForCausalLM, model, trust_remote_code=trust_remote_code, **kwargs)
     if adapter:
         from peft import PeftModel
 
@@ -289,7 +294,7 @@ def load_for_chat(model: str, adapter: str | None = None, bits: int | None = Non
         llm = llm.cuda()
     llm.eval()
     tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = ports.from_pretrained(AutoTokenizer, tok_dir, trust_remote_code=trust_remote_code)
     return llm, tokenizer
 
 
@@ -339,7 +344,7 @@ def _system(args) -> str:
 
 
 def _chat(args) -> int:
-    model, tokenizer = load_for_chat(args.model, args.adapter, args.bits, args.torch_dtype)
+    model, tokenizer = load_for_chat(args.model, args.adapter, args.bits, args.torch_dtype, args.trust_remote_code)
     template: Any = args.prompt_template
     if template is None:
         template = default_prompt_template(tokenizer, args.adapter, args.model)
@@ -378,6 +383,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     system.add_argument("--system", help="system prompt")
     system.add_argument("--system-template", metavar="NAME", help="SYSTEM_TEMPLATE name")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own code (not needed for the hub-code families lmtune "
+                        "runs natively)")
     p.add_argument("--torch-dtype", choices=list(DTYPES), default="auto")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")

@@ -90,6 +90,7 @@ class ModelFacts:
     lora_dropout_features: int  # sum of in_features of the LoRA-adapted linears with dropout > 0
     attention_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)
+    implementation: str = ""  # which code runs the model (lmtune.ports.implementation)
     config_dtype: Any = None
 
     @property
@@ -224,6 +225,7 @@ def build_meta_model(cfg: Any, tokenizer: Any = None) -> ModelFacts:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lmtune import ports
     from lmtune.config.model_resource import PATH_KEY
 
     model_cfg = _model_cfg(cfg)
@@ -243,16 +245,23 @@ def build_meta_model(cfg: Any, tokenizer: Any = None) -> ModelFacts:
         kwargs.pop(key, None)
     if model_cfg.get("max_position_embeddings") is not None:
         kwargs["max_position_embeddings"] = model_cfg["max_position_embeddings"]
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"model.llm: cannot read the model config of {path!r}: {exc}") from None
     extra = {"attn_implementation": attn} if attn else {}
+    ports.check_model_config(model_cfg)
+    hub = ports.hub_config(path)
+    family = ports.family_of(hub)
     try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **extra)
+        if family is not None:  # a hub-code family: the port lmtune trains it with
+            model = ports.empty_model(family, hub, path, **kwargs, **extra)
+        else:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust, **kwargs)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **extra)
+    except (OSError, KeyError) as exc:
+        raise ConfigError(f"model.llm: cannot read the model config of {path!r}: {exc}") from None
     except (ValueError, TypeError, ImportError) as exc:
-        raise ConfigError(f"model.llm: cannot build {type(config).__name__} on the meta device: {exc}") from None
+        raise ConfigError(f"model.llm: cannot build the model of {path!r} on the meta device: {exc}") from None
+    config = model.config
+    implementation = ports.implementation(path, trust_remote_code=trust)
     if model_cfg.get("tokenizer") is not None and tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # as SupervisedFinetune does
             with init_empty_weights(include_buffers=False):
@@ -293,6 +302,7 @@ def build_meta_model(cfg: Any, tokenizer: Any = None) -> ModelFacts:
             if isinstance(lora_cfg, dict):
                 if lora_cfg.get("target_modules") is None:
                     lora_cfg["target_modules"] = _linear_names(model)
+                lora_cfg["target_modules"] = ports.native_target_modules(model, lora_cfg["target_modules"])
                 lora_obj = build(lora_cfg, key="model.lora")
             else:
                 lora_obj = lora_cfg
@@ -326,7 +336,7 @@ def build_meta_model(cfg: Any, tokenizer: Any = None) -> ModelFacts:
         vocab=int(base.get_input_embeddings().num_embeddings),
         max_positions=getattr(text, "max_position_embeddings", None),
         attn_implementation=str(getattr(base.config, "_attn_implementation", None) or attn or "sdpa"),
-        lora_dropout_features=dropout_features, lora_targets=lora_targets,
+        lora_dropout_features=dropout_features, lora_targets=lora_targets, implementation=implementation,
         attention_dropout=float(getattr(text, "attention_dropout", 0.0) or 0.0),
         config_dtype=dtype if dtype not in (None, "auto") else getattr(text, "dtype", None)
         or getattr(text, "torch_dtype", None))
@@ -679,6 +689,8 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         w.line(f"{facts.name}: {facts.layers} layers, hidden {facts.hidden}, {facts.heads} heads "
                f"(key/value width {facts.kv_dim}), MLP {facts.intermediate}, vocab {facts.vocab:,}, max positions "
                f"{facts.max_positions}, attention {facts.attn_implementation}")
+        if facts.implementation:
+            w.line(f"runs on: {facts.implementation}")
         share = 100 * facts.trainable_params / max(facts.total_params, 1)
         w.line(f"parameters: {facts.total_params:,} total, {facts.trainable_params:,} trainable ({share:.2f}%)")
         if facts.lora_targets:

@@ -60,16 +60,17 @@ def _base_model_path(cfg: Any) -> str | None:
 def _save_tokenizer(source: str | os.PathLike, save_dir: Path, tokenizer_cfg: Any = None) -> bool:
     from transformers import AutoTokenizer
 
+    from lmtune import ports
     from lmtune.config import build
 
     try:
         if tokenizer_cfg is not None:
             tokenizer = build(tokenizer_cfg, key="tokenizer")
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+            tokenizer = ports.from_pretrained(AutoTokenizer, str(source), trust_remote_code=True)
     except (OSError, ValueError):
         return False
-    tokenizer.save_pretrained(str(save_dir))
+    ports.save_tokenizer(tokenizer, save_dir)  # a ported family's own tokenizer files, as the hub has them
     return True
 
 
@@ -164,6 +165,7 @@ def _empty_llm(llm_cfg: Any) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lmtune import ports
     from lmtune.config import is_type_dict
 
     if not is_type_dict(llm_cfg) or getattr(llm_cfg["type"], "__name__", "") != "from_pretrained":
@@ -178,7 +180,11 @@ def _empty_llm(llm_cfg: Any) -> Any:
                         "attn_implementation", "use_safetensors", "weights_only", "offload_folder"):
         kwargs.pop(loader_only, None)
     trust = bool(kwargs.get("trust_remote_code", False))
+    hub = ports.hub_config(path)
+    family = ports.family_of(hub)
     try:
+        if family is not None:
+            return ports.empty_model(family, hub, path, **kwargs)
         config = AutoConfig.from_pretrained(str(path), **kwargs)
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
@@ -238,6 +244,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | o
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lmtune import ports
+
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json); "
@@ -247,8 +255,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | o
                           "weights; merge into the dequantized base instead (the original fp16/bf16 model the "
                           "QLoRA run was started from)")
     device_map = {"": device} if device in ("cpu", "cuda") else device
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", device_map=device_map,
-                                                 trust_remote_code=True)
+    model = ports.from_pretrained(AutoModelForCausalLM, str(base), dtype="auto", device_map=device_map,
+                                  trust_remote_code=True)
     model = PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload()
     save_dir = Path(save_dir)

@@ -199,6 +199,10 @@ class Runner:
         self.logger.info(f"lmtune {lmtune.__version__}  work_dir: {self.work_dir}  seed: {self.seed}  "
                          f"device: {self.device}  strategy: {self.strategy.name}  world size: {get_world_size()}")
 
+        # a model whose hub code cannot run here stops the run now, before any data is processed
+        from lmtune.ports import check_model_config
+
+        check_model_config(cfg.get("model"))
         # hooks first: their settings are checked before any data or weights are loaded
         self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))

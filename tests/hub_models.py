@@ -1,0 +1,86 @@
+"""Local model directories in the hub's own layout, for the ported hub-code families (offline).
+
+The weights and configs come from ``tests/fixtures/ports/<name>`` (made by tools/port_fixtures.py with
+the families' original code). A tokenizer in the family's style is trained here with the
+``sentencepiece`` library, and the repository's code files are stand-ins (lmtune must never run them;
+an export must copy them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ports"
+STAND_IN_CODE = "raise RuntimeError('hub code of the test fixture: lmtune must not run it')\n"
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Say hello. Hello! Again, louder. HELLO!",
+    "Please tell me five scenic spots in Shanghai. 请给我介绍五个上海的景点",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "Count to three. One, two, three. What is two plus two? Two plus two is four. tac cat",
+    "### Human: ### Assistant: user assistant system 0123456789",
+] * 20
+
+INTERNLM2_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>",
+                      "<|plugin|>"]
+
+
+def train_sentencepiece(prefix: Path, vocab_size: int, user_defined: list[str]) -> Path:
+    """A BPE SentencePiece model as InternLM2's: byte fallback, <unk>=0 <s>=1 </s>=2, chat markers as
+    user-defined pieces, digits split, a dummy prefix."""
+    import sentencepiece as spm
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    corpus = prefix.parent / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=user_defined,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def _added_tokens(model_file: Path, names: list[str]) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    decoder = {}
+    for name in ["<unk>", "<s>", "</s>", *names]:
+        decoder[str(sp.piece_to_id(name))] = {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                                              "single_word": False, "special": True}
+    return decoder
+
+
+def internlm2_dir(root: Path, fixture: str = "internlm2") -> Path:
+    """A hub-layout InternLM2 repository: config.json with auto_map, the fixture's weights, stand-in code
+    files and an InternLM2-style SentencePiece tokenizer (InternLM2Tokenizer in tokenizer_config.json)."""
+    target = root / fixture
+    if (target / "config.json").is_file():
+        return target
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(FIXTURES / fixture / name, target / name)
+    vocab = min(400, json.loads((target / "config.json").read_text())["vocab_size"])  # the model may have more rows
+    for name in ("configuration_internlm2.py", "modeling_internlm2.py", "tokenization_internlm2.py",
+                 "tokenization_internlm2_fast.py"):
+        (target / name).write_text(STAND_IN_CODE)
+    model_file = train_sentencepiece(target / "sp" / "tokenizer", vocab, INTERNLM2_SPECIALS)
+    shutil.move(str(model_file), target / "tokenizer.model")
+    shutil.rmtree(target / "sp")
+    (target / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": INTERNLM2_SPECIALS,
+        "added_tokens_decoder": _added_tokens(target / "tokenizer.model", INTERNLM2_SPECIALS),
+        "model_max_length": 1000000}, indent=1))
+    (target / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "additional_special_tokens": INTERNLM2_SPECIALS}, indent=1))
+    return target
