@@ -22,10 +22,11 @@ transformers' ``Trainer`` rather than configs of XTuner's engine; they are count
   dtypes, ``sdpa`` for ``flash_attention_2``, ``sequence_parallel_size`` 1), to tell apart what
   only a GPU, flash-attn or sequence parallelism stands in the way of.
 
-  Architectures whose code is not part of transformers (InternLM, ChatGLM, Baichuan, MiniCPM,
-  Qwen v1, DeepSeek-MoE) need the hub's remote code: those configs are "load only". The
-  architecture is read from the config's ``pretrained_model_name_or_path`` (the folder name when
-  that is a placeholder path).
+  Architectures whose hub repositories ship their own code (InternLM, ChatGLM, Baichuan, MiniCPM,
+  Qwen v1, DeepSeek-MoE) run through lmtune's ports (``lmtune.ports``) on a tiny checkpoint in the
+  hub's own layout (``tests/fixtures/ports``, made with the original code); one without a port or a
+  fixture is "load only". The architecture is read from the config's
+  ``pretrained_model_name_or_path`` (the folder name when that is a placeholder path).
 
   Each config runs in its own process, forked from a server that has imported torch,
   transformers and lmtune once, one at a time, with a timeout; a hang or crash costs one config.
@@ -102,12 +103,31 @@ ARCH_RULES = [
 # Architectures whose modelling code transformers ships: a tiny model of them can be made and run.
 NATIVE = {"llama", "qwen2", "qwen2_moe", "mistral", "mixtral", "gemma", "phi3", "gpt_bigcode", "starcoder2",
           "cohere", "deepseek_v2"}
-# Architectures that only exist as the hub's remote code (trust_remote_code=True): load only.
-REMOTE = {"qwen", "deepseek", "internlm", "internlm2", "internlm3", "chatglm", "baichuan", "minicpm", "minicpm3"}
+# Architectures whose hub repositories ship their own (transformers 4) code. Those lmtune ports
+# (lmtune.ports) run through the port, on a tiny hub-layout checkpoint; the others are load only.
+HUB_CODE = {"qwen", "deepseek", "internlm", "internlm2", "internlm3", "chatglm", "baichuan", "minicpm", "minicpm3"}
+PORT_FIXTURES = REPO / "tests" / "fixtures" / "ports"
+
+
+def ported_fixture(arch: str) -> Path | None:
+    """A tiny checkpoint of ``arch`` in its hub layout (tests/fixtures/ports, made from the original code)."""
+    for fixture in sorted(PORT_FIXTURES.glob("*/config.json")):
+        if json.loads(fixture.read_text()).get("model_type") == arch:
+            return fixture.parent
+    return None
+
+
+REMOTE = {arch for arch in HUB_CODE if ported_fixture(arch) is None}
 
 # The tokenizer a tiny model gets: the style (BOS, EOS, special tokens) of the real model's tokenizer,
 # by hub id; first match wins. Names are tests/tiny_archs.py's TOKENIZER_STYLES, plus EXTRA_STYLES.
 TOKENIZER_RULES = [
+    (r"internlm2|internlm2_5", "internlm2_chat"),
+    (r"internlm3", "internlm3_chat"),
+    (r"chatglm", "chatglm3"),
+    (r"baichuan", "baichuan2_chat"),
+    (r"minicpm3", "minicpm3"),
+    (r"minicpm", "minicpm"),
     (r"llama-3|llama3", "llama3_chat"),
     (r"deepseek-coder", "deepseek_coder"),
     (r"deepseek-v2", "deepseek_v2"),
@@ -281,7 +301,13 @@ def tiny_model(models_dir: Path, arch: str, style: str) -> Path:
         tiny_archs.TOKENIZER_STYLES.setdefault(name, extra)
     partial = models_dir / f".{arch}-{style}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    if arch in tiny_archs.NATIVE_ARCHS:
+    fixture = ported_fixture(arch) if arch in HUB_CODE else None
+    if fixture is not None:  # the hub layout, weights under the hub's names; the tokenizer as below
+        partial.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(fixture / name, partial / name)
+        tiny_archs.make_tokenizer(style, corpus()).save_pretrained(partial)
+    elif arch in tiny_archs.NATIVE_ARCHS:
         tiny_archs.make_tiny_model(partial, arch, style, corpus())
     else:
         import torch
@@ -587,7 +613,7 @@ def run_class(entry: dict) -> str | None:
         return "not run: transformers Trainer script"
     if entry["arch"] in REMOTE:
         return "load only: remote code"
-    if entry["arch"] not in NATIVE:
+    if entry["arch"] not in NATIVE and entry["arch"] not in HUB_CODE:
         return "load only: unknown architecture"
     return None
 
@@ -703,8 +729,12 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
     engine = [e for e in entries if e.get("framework", "mmengine").lower() != "huggingface"]
     trainer_scripts = [e for e in entries if e not in engine]
     loaded = [e for e in engine if e["loaded"]]
+    ported = HUB_CODE - REMOTE
     native_all = [e for e in engine if e["arch"] in NATIVE]
     native_loaded = [e for e in loaded if e["arch"] in NATIVE]
+    port_all = [e for e in engine if e["arch"] in ported]
+    port_loaded = [e for e in loaded if e["arch"] in ported]
+    runnable_all, runnable_loaded = native_all + port_all, native_loaded + port_loaded
     ran = [e for e in engine if status(e) == "ran"]
     attempted = [e for e in engine if "run" in e]
     out = ["# XTuner v0.2.0 configs in lmtune: load and run share", "",
@@ -723,10 +753,15 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
         rows += [
             ["architecture shipped by transformers (runnable with a tiny model)",
              f"{len(native_all)} configs, {len(native_loaded)} of them load"],
+            ["hub-code architecture with an lmtune port (" + ", ".join(sorted(ported)) + ")",
+             f"{len(port_all)} configs, {len(port_loaded)} of them load"],
             [f"run 2 iterations{sample_note} / attempted", pct(len(ran), len(attempted))],
             ["run / loadable", pct(len(ran), len(loaded))],
-            ["run / transformers-native architecture", pct(len(ran), len(native_all))],
-            ["run / transformers-native and loadable", pct(len(ran), len(native_loaded))],
+            ["run / runnable architecture (transformers-native or ported)", pct(len(ran), len(runnable_all))],
+            ["run / runnable and loadable", pct(len(ran), len(runnable_loaded))],
+            ["hub-code (ported) configs run / attempted",
+             pct(sum(status(e) == "ran" for e in attempted if e["arch"] in ported),
+                 sum(e["arch"] in ported for e in attempted))],
         ]
         rescued = [e for e in attempted if e["run"].get("relaxed", {}).get("status") == "ran"]
         rows.append(["failed as written, ran relaxed (float32, sdpa, no sequence parallelism)", len(rescued)])
@@ -756,11 +791,11 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
             g = groups[name]
             counts = Counter(status(e) for e in g)
             rows.append([name, len(g), sum(e["loaded"] for e in g),
-                         "yes" if key == "arch" and name in NATIVE else ("no" if key == "arch" else
-                                                                        sum(e["arch"] in NATIVE for e in g)),
+                         ("yes" if name in NATIVE else "port" if name in ported else "no") if key == "arch"
+                         else sum(e["arch"] in NATIVE or e["arch"] in ported for e in g),
                          counts["ran"], counts["failed"] + counts["timeout"] + counts["crashed"],
                          counts["load only: remote code"]])
-        header = [title, "configs", "load", "transformers-native" if key == "arch" else "native arch",
+        header = [title, "configs", "load", "runnable (transformers or port)" if key == "arch" else "runnable arch",
                   "ran", "run failed", "load only (remote code)"]
         out.extend([f"## By {title}", "", md_table(header, rows), ""])
 

@@ -55,9 +55,10 @@ def _added_tokens(model_file: Path, names: list[str]) -> dict:
     return decoder
 
 
-def internlm2_dir(root: Path, fixture: str = "internlm2") -> Path:
-    """A hub-layout InternLM2 repository: config.json with auto_map, the fixture's weights, stand-in code
-    files and an InternLM2-style SentencePiece tokenizer (InternLM2Tokenizer in tokenizer_config.json)."""
+def hub_dir(root: Path, fixture: str, code_files: tuple[str, ...], tokenizer_class: str, auto_tokenizer: list,
+            specials: list[str], **tokenizer_config) -> Path:
+    """A hub-layout repository: config.json with auto_map, the fixture's weights, stand-in code files and a
+    SentencePiece tokenizer in the family's style (``tokenizer_class`` in tokenizer_config.json)."""
     target = root / fixture
     if (target / "config.json").is_file():
         return target
@@ -65,22 +66,34 @@ def internlm2_dir(root: Path, fixture: str = "internlm2") -> Path:
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(FIXTURES / fixture / name, target / name)
     vocab = min(400, json.loads((target / "config.json").read_text())["vocab_size"])  # the model may have more rows
-    for name in ("configuration_internlm2.py", "modeling_internlm2.py", "tokenization_internlm2.py",
-                 "tokenization_internlm2_fast.py"):
+    for name in code_files:
         (target / name).write_text(STAND_IN_CODE)
-    model_file = train_sentencepiece(target / "sp" / "tokenizer", vocab, INTERNLM2_SPECIALS)
+    model_file = train_sentencepiece(target / "sp" / "tokenizer", vocab, specials)
     shutil.move(str(model_file), target / "tokenizer.model")
     shutil.rmtree(target / "sp")
     (target / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "InternLM2Tokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "tokenizer_class": tokenizer_class, "auto_map": {"AutoTokenizer": auto_tokenizer},
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "additional_special_tokens": INTERNLM2_SPECIALS,
-        "added_tokens_decoder": _added_tokens(target / "tokenizer.model", INTERNLM2_SPECIALS),
-        "model_max_length": 1000000}, indent=1))
+        "additional_special_tokens": specials,
+        "added_tokens_decoder": _added_tokens(target / "tokenizer.model", specials),
+        "model_max_length": 1000000, **tokenizer_config}, indent=1))
     (target / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
-        "additional_special_tokens": INTERNLM2_SPECIALS}, indent=1))
+        "additional_special_tokens": specials}, indent=1))
     return target
+
+
+def internlm2_dir(root: Path, fixture: str = "internlm2") -> Path:
+    """A hub-layout InternLM2 repository (InternLM2Tokenizer, InternLM2's chat markers)."""
+    return hub_dir(root, fixture, ("configuration_internlm2.py", "modeling_internlm2.py", "tokenization_internlm2.py",
+                                   "tokenization_internlm2_fast.py"), "InternLM2Tokenizer",
+                   ["tokenization_internlm2.InternLM2Tokenizer", "tokenization_internlm2_fast.InternLM2TokenizerFast"],
+                   INTERNLM2_SPECIALS)
+
+
+def internlm3_dir(root: Path) -> Path:
+    """A hub-layout InternLM3 repository (InternLM3Tokenizer, the same chat markers)."""
+    return hub_dir(root, "internlm3", ("configuration_internlm3.py", "modeling_internlm3.py",
+                                       "tokenization_internlm3.py"), "InternLM3Tokenizer",
+                   ["tokenization_internlm3.InternLM3Tokenizer", None], INTERNLM2_SPECIALS[:2])

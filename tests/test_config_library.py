@@ -109,14 +109,14 @@ def check_settings(cfg: Config, model, method: str, dataset: str) -> None:
     assert cfg.pretrained_model_name_or_path == model.hub_id
     assert cfg.prompt_template == PROMPT_TEMPLATE[model.template]
     assert cfg.max_length == model.max_length == 2048
-    if GEN.config_name(model, method, dataset) not in GEN.HAND_WRITTEN:  # the reference config packs (XTuner's)
-        assert cfg.pack_to_max_length is (not model.remote_code)
+    assert cfg.pack_to_max_length is True  # hub-code families too: their ports keep packed samples apart
     assert cfg.use_varlen_attn is False and cfg.batch_size == 1 and cfg.max_epochs == GEN.EPOCHS
     assert cfg.lr == (2e-5 if method == "full" else 2e-4)
     assert cfg.accumulative_counts == (2 if method == "full" else 16)
     llm, lora = cfg.model.llm, cfg.model.get("lora")
     assert llm.torch_dtype == _dtype(model) and cfg.optim_wrapper.dtype == model.dtype
-    remote = {"trust_remote_code": True} if model.remote_code else {}
+    # the library runs no repository's code; XTuner's reference config keeps its trust_remote_code=True
+    remote = {"trust_remote_code": True} if GEN.config_name(model, method, dataset) in GEN.HAND_WRITTEN else {}
     assert {k: v for k, v in cfg.tokenizer.items() if k == "trust_remote_code"} == remote
     assert {k: v for k, v in llm.items() if k == "trust_remote_code"} == remote
     quant = llm.get("quantization_config")
@@ -249,7 +249,7 @@ def _runs() -> list[str]:
     one architecture differ only in settings, which test_every_builtin_config_loads checks for every
     config, and in the template, which test_every_model_config_renders_its_template checks for every model.
     """
-    native = [m for m in GEN.MODELS if not m.remote_code]
+    native = [m for m in GEN.MODELS if not m.hub_code]
     runs = []
     archs = [a for a in NATIVE_ARCHS if any(m.arch == a for m in native)]
     for i, arch in enumerate(archs):
@@ -272,14 +272,14 @@ RUNS = _runs()
 
 def test_runs_cover_every_architecture_method_and_dataset():
     combos = {(LIBRARY[n][0].arch, LIBRARY[n][1]) for n in RUNS}
-    native = {m.arch for m in GEN.MODELS if not m.remote_code}
+    native = {m.arch for m in GEN.MODELS if not m.hub_code}
     assert native <= set(NATIVE_ARCHS)
     assert combos == {(a, method) for a in native for method in GEN.METHODS}
     for arch in native:
         assert {LIBRARY[n][2] for n in RUNS if LIBRARY[n][0].arch == arch} == set(GEN.DATASETS)
-    assert {LIBRARY[n][0].template for n in RUNS} == {m.template for m in GEN.MODELS if not m.remote_code}
+    assert {LIBRARY[n][0].template for n in RUNS} == {m.template for m in GEN.MODELS if not m.hub_code}
     # the remote-code models are exactly the ones left to loading and template checks
-    assert {m.arch for m in GEN.MODELS if m.remote_code}.isdisjoint(NATIVE_ARCHS)
+    assert {m.arch for m in GEN.MODELS if m.hub_code}.isdisjoint(NATIVE_ARCHS)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ back bit for bit, keep packed samples apart, and tokenize as the sentencepiece l
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def test_port_gives_the_original_lora_gradients(name):
 
     ref = _reference(name)
     target = load_file_metadata(FIXTURES / name / "reference.safetensors")["lora_target"]
-    native = {"wo": "o_proj"}.get(target, target)
-    model = get_peft_model(_load(FIXTURES / name), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                               target_modules=[native], layers_to_transform=[0]))
+    base = _load(FIXTURES / name)
+    native = ports.native_target_modules(base, [target])
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=native,
+                                            layers_to_transform=[0]))
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if "lora_" in pname:
@@ -119,7 +121,6 @@ def test_packed_rows_keep_samples_apart_on_each_port(name):
     from lmtune.model.sft import SupervisedFinetune
 
     model = SupervisedFinetune(llm=_load(FIXTURES / name), use_activation_checkpointing=False)
-    assert model.packed_sdpa  # one causal SDPA call per packed sample
     assert model.packing_leak() == 0.0
     torch.manual_seed(0)
     first, second = torch.randint(3, 300, (1, 7)), torch.randint(3, 300, (1, 5))
@@ -321,3 +322,45 @@ def test_a_lora_run_exports_an_adapter_for_the_port_and_merges_in_the_hub_layout
     assert set(load_file(str(merged / "model.safetensors"))) == set(load_file(str(hub_dir / "model.safetensors")))
     assert (merged / "modeling_internlm2.py").is_file() and (merged / "tokenizer.model").is_file()
     torch.testing.assert_close(_logits(_load(merged)), trained, **TOL)
+
+
+# ------------------------------------------------------------------ the library's configs of the ported families
+
+LIBRARY_RUNS = [("internlm2_chat_7b_qlora_alpaca_e3", "internlm2"), ("internlm2_5_chat_7b_lora_oasst1_e3", "internlm2"),
+                ("internlm2_chat_1_8b_full_custom_e3", "internlm2"),
+                ("internlm3_8b_instruct_lora_alpaca_e3", "internlm3")]
+
+
+@pytest.mark.parametrize("name,fixture", LIBRARY_RUNS)
+def test_library_configs_of_ported_families_train_packed_without_remote_code(name, fixture, tmp_path):
+    from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
+    from hub_models import internlm3_dir
+
+    from lmtune.cli import resolve_config
+    from lmtune.config import Config
+    from lmtune.engine.runner import Runner
+
+    hub = internlm2_dir(tmp_path) if fixture == "internlm2" else internlm3_dir(tmp_path)
+    data = tmp_path / "data"
+    write_jsonl(data / "alpaca.jsonl", alpaca_rows() * 3)
+    write_jsonl(data / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 3)
+    chats = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}] * 8
+    write_jsonl(data / "chats.jsonl", chats)
+    options = {"pretrained_model_name_or_path": str(hub), "max_length": 96, "max_epochs": 1, "accumulative_counts": 1,
+               "save_steps": 1000, "evaluation_inputs": ["Hi."], "max_new_tokens": 2,
+               "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"}
+    if "alpaca" in name:
+        options.update(data_path="json", **{"train_dataset.dataset.data_files": str(data / "alpaca.jsonl")})
+    elif "oasst1" in name:
+        options["data_path"] = str(data / "oasst1")
+    else:
+        options["data_files"] = str(data / "chats.jsonl")
+    if "qlora" in name:
+        options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
+    cfg = Config.fromfile(resolve_config(name), options)
+    assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.internlm"
+    runner.train()
+    losses = [json.loads(line)["loss"] for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(x) for x in losses)

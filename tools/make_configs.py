@@ -38,7 +38,7 @@ class Model:
     template: str  # PROMPT_TEMPLATE entry
     params_b: float  # parameters, billions (memory hints)
     arch: str  # transformers model_type; the tests build a tiny model of it when transformers ships it
-    remote_code: bool = False  # needs trust_remote_code=True (no class in transformers)
+    hub_code: bool = False  # the hub repository ships its own (transformers 4) code; lmtune runs its port instead
     max_length: int = 2048
     dtype: str = "float16"  # weights, 4-bit compute and mixed-precision dtype
     expert_params_b: float = 0.0  # MoE routed experts: fused tensors that bitsandbytes leaves unquantized
@@ -54,15 +54,15 @@ _GEMMA_BF16 = ("bfloat16, because Gemma 2 and 3 overflow float16 (a GPU without 
                "with a warning).")
 
 MODELS: tuple[Model, ...] = (
-    # InternLM: remote code (InternLM2, 2.5 and 3 have no class in transformers)
+    # InternLM: hub code for transformers 4 (lmtune.ports runs InternLM2 / 2.5 and 3 natively)
     Model("internlm2_chat_1_8b", "InternLM2-Chat-1.8B", "internlm/internlm2-chat-1_8b", "internlm", "internlm2_chat",
-          1.9, "internlm2", remote_code=True),
+          1.9, "internlm2", hub_code=True),
     Model("internlm2_chat_7b", "InternLM2-Chat-7B", "internlm/internlm2-chat-7b", "internlm", "internlm2_chat",
-          7.7, "internlm2", remote_code=True),
+          7.7, "internlm2", hub_code=True),
     Model("internlm2_5_chat_7b", "InternLM2.5-7B-Chat", "internlm/internlm2_5-7b-chat", "internlm", "internlm2_chat",
-          7.7, "internlm2", remote_code=True),
+          7.7, "internlm2", hub_code=True),
     Model("internlm3_8b_instruct", "InternLM3-8B-Instruct", "internlm/internlm3-8b-instruct", "internlm",
-          "internlm3_chat", 8.8, "internlm3", remote_code=True),
+          "internlm3_chat", 8.8, "internlm3", hub_code=True),
     # Llama
     Model("llama2_7b_chat", "Llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "llama", "llama2_chat", 6.7, "llama",
           gated=True),
@@ -124,17 +124,17 @@ MODELS: tuple[Model, ...] = (
     # Yi: ChatML, Llama architecture
     Model("yi_6b_chat", "Yi-6B-Chat", "01-ai/Yi-6B-Chat", "yi", "chatml", 6.1, "llama"),
     Model("yi_34b_chat", "Yi-34B-Chat", "01-ai/Yi-34B-Chat", "yi", "chatml", 34.4, "llama"),
-    # ChatGLM3, Baichuan2, MiniCPM: remote code
+    # ChatGLM3, Baichuan2, MiniCPM: hub code for transformers 4 (lmtune.ports runs them natively)
     Model("chatglm3_6b", "ChatGLM3-6B", "THUDM/chatglm3-6b", "chatglm", "chatglm3", 6.2, "chatglm",
-          remote_code=True),
+          hub_code=True),
     Model("baichuan2_7b_chat", "Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan", "baichuan2_chat",
-          7.5, "baichuan", remote_code=True),
+          7.5, "baichuan", hub_code=True),
     Model("baichuan2_13b_chat", "Baichuan2-13B-Chat", "baichuan-inc/Baichuan2-13B-Chat", "baichuan",
-          "baichuan2_chat", 13.9, "baichuan", remote_code=True),
+          "baichuan2_chat", 13.9, "baichuan", hub_code=True),
     Model("minicpm_2b_sft", "MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-sft-bf16", "minicpm", "minicpm", 2.7,
-          "minicpm", remote_code=True),
+          "minicpm", hub_code=True),
     Model("minicpm3_4b", "MiniCPM3-4B", "openbmb/MiniCPM3-4B", "minicpm", "minicpm3", 4.1, "minicpm3",
-          remote_code=True),
+          hub_code=True),
 )
 
 METHODS = ("qlora", "lora", "full")
@@ -301,15 +301,7 @@ def _part1(model: Model, method: str, dataset: str) -> str:
         out.append(f"# {model.note}")
     out.append(f"prompt_template = PROMPT_TEMPLATE.{model.template}")
     out.append(f"max_length = {model.max_length}")
-    if model.remote_code:
-        out += [
-            "# The model's own (remote) attention code ignores the position ids that restart at each packed",
-            "# sample, so packed samples would attend to each other: lmtune checks this before training and",
-            "# stops. Rows are padded per batch instead.",
-            "pack_to_max_length = False",
-        ]
-    else:
-        out.append("pack_to_max_length = True")
+    out.append("pack_to_max_length = True")
     out.append("")
     out.append("batch_size = 1  # per device")
     if method == "full":
@@ -346,15 +338,13 @@ def _part1(model: Model, method: str, dataset: str) -> str:
 
 
 def _part2(model: Model, method: str) -> str:
-    remote = "    trust_remote_code=True,\n" if model.remote_code else ""
-    remote_llm = "        trust_remote_code=True,\n" if model.remote_code else ""
     dtype = f"torch.{model.dtype}"
     out = [
         "# PART 2  Model & Tokenizer",
         "tokenizer = dict(",
         "    type=AutoTokenizer.from_pretrained,",
         "    pretrained_model_name_or_path=pretrained_model_name_or_path,",
-        remote + '    padding_side="right")',
+        '    padding_side="right")',
         "",
     ]
     if method == "qlora":
@@ -374,8 +364,10 @@ def _part2(model: Model, method: str) -> str:
                                          else "") + ".")
     if model.dtype == "bfloat16":
         text += f" {model.dtype_note}"
-    if model.remote_code:
-        text += " trust_remote_code=True runs the model code of the Hub repository."
+    if model.hub_code:
+        text += (f" The Hub repository of {model.title} ships model code written for transformers 4; lmtune loads "
+                 "the checkpoint as it is into its own port of the architecture (lmtune.ports), so none of that code "
+                 "runs and no trust_remote_code is needed.")
     if model.lora_targets and method != "full":
         text += " " + model.lora_targets_note
     out += comment(text)
@@ -387,7 +379,7 @@ def _part2(model: Model, method: str) -> str:
         "        type=AutoModelForCausalLM.from_pretrained,",
         "        pretrained_model_name_or_path=pretrained_model_name_or_path,",
     ]
-    llm_tail = remote_llm + f"        torch_dtype={dtype}"
+    llm_tail = f"        torch_dtype={dtype}"
     if method == "qlora":
         out.append(llm_tail + ",")
         out += [

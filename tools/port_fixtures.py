@@ -40,47 +40,17 @@ ROWS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64, 11, 200, 31, 8],
                      [1, 300, 12, 77, 190, 45, 6, 2, 140, 260, 9, 55]])
 
 
-def _xtuner_modeling(family: str) -> Path:
-    spec = importlib.util.find_spec("xtuner")
-    if spec is None or spec.origin is None:
-        sys.exit("xtuner is not installed here: run this with benchmarks/.venv-xtuner/bin/python "
-                 "(bash benchmarks/setup_xtuner_env.sh makes it)")
-    return Path(spec.origin).parent / "_lite" / "modelings" / family
-
-
-_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-             tie_word_embeddings=False, torch_dtype="float32")
-
-# name -> (code dir, code files, hub config.json, weights to record gradients of, LoRA target (hub module name))
-FAMILIES = {
-    "internlm2": ("internlm2", ("configuration_internlm2.py", "modeling_internlm2.py"), {
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
-        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-        **_TINY, "num_key_value_heads": 2, "bias": False, "rms_norm_eps": 1e-5, "rope_theta": 1000000,
-        "rope_scaling": None, "hidden_act": "silu", "attn_implementation": "eager"},
-        ("model.layers.0.attention.wqkv.weight", "model.layers.1.feed_forward.w1.weight", "output.weight",
-         "model.tok_embeddings.weight"), "wo"),
-    "internlm2_bias_dynamic": ("internlm2", ("configuration_internlm2.py", "modeling_internlm2.py"), {
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
-        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-        **{**_TINY, "max_position_embeddings": 8}, "num_key_value_heads": 4, "bias": True, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "hidden_act": "silu",
-        "attn_implementation": "eager"},
-        ("model.layers.0.attention.wqkv.weight", "model.layers.0.attention.wqkv.bias",
-         "model.layers.0.attention.wo.bias"), "wo"),
-    "internlm3": ("internlm3", ("configuration_internlm3.py", "modeling_internlm3.py"), {
-        "architectures": ["InternLM3ForCausalLM"], "model_type": "internlm3",
-        "auto_map": {"AutoConfig": "configuration_internlm3.InternLM3Config",
-                     "AutoModel": "modeling_internlm3.InternLM3Model",
-                     "AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"},
-        **_TINY, "num_key_value_heads": 2, "head_dim": 16, "qkv_bias": False, "bias": False, "rms_norm_eps": 1e-5,
-        "rope_theta": 50000000, "rope_scaling": {"factor": 6.0, "rope_type": "dynamic"}, "hidden_act": "silu"},
-        ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"), "o_proj"),
-}
+def load_specs() -> dict:
+    """Every family's fixtures: ``tools/port_refs/<module>.py`` each define ``SPECS`` (see internlm.py)."""
+    specs: dict = {}
+    for file in sorted((Path(__file__).parent / "port_refs").glob("*.py")):
+        if file.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"port_refs_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        specs.update(module.SPECS)
+    return specs
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -106,12 +76,25 @@ def _lora(model: torch.nn.Module, target: str):
     return peft_model
 
 
-def make(name: str, out: Path) -> None:
-    from safetensors.torch import save_file
+def _build_reference(hub_dir: Path) -> torch.nn.Module:
+    """The original code's model of a hub dir, randomly initialised (the default ``build`` of a spec)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    code_dir, files, hub, grads, lora_target = FAMILIES[name]
-    code = _xtuner_modeling(code_dir)
+    config = AutoConfig.from_pretrained(str(hub_dir), trust_remote_code=True)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=torch.float32)
+
+
+def make(name: str, spec: dict, out: Path) -> None:
+    """One fixture. ``spec``: ``code`` (a function returning the dir of the original code files), ``files``
+    (those to put beside config.json), ``hub`` (the config.json), ``grads`` (hub names of the weights whose
+    gradients are recorded), ``lora_target`` (hub name of the module the LoRA adapter goes on), and
+    optionally ``build`` (hub dir -> original model; default: the Auto classes with trust_remote_code)
+    and ``rows`` (input ids; default ROWS)."""
+    from safetensors.torch import save_file
+
+    code, files, hub = spec["code"](), spec["files"], spec["hub"]
+    grads, lora_target = spec["grads"], spec["lora_target"]
+    rows = spec.get("rows", ROWS)
     target = out / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -121,20 +104,19 @@ def make(name: str, out: Path) -> None:
         for file in files:
             shutil.copyfile(code / file, hub_dir / file)
         (hub_dir / "config.json").write_text(json.dumps(hub, indent=2))
-        config = AutoConfig.from_pretrained(str(hub_dir), trust_remote_code=True)
         torch.manual_seed(SEED)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=torch.float32)
+        model = spec.get("build", _build_reference)(hub_dir)
         _perturb(model)
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if "inv_freq" not in k}
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         (target / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
 
-        reference: dict[str, torch.Tensor] = {"input_ids": ROWS.clone()}
+        reference: dict[str, torch.Tensor] = {"input_ids": rows.clone()}
         model.eval()
         with torch.no_grad():
-            reference["logits"] = model(input_ids=ROWS, use_cache=False).logits.float()
+            reference["logits"] = model(input_ids=rows, use_cache=False).logits.float()
         model.train()
-        loss = model(input_ids=ROWS, labels=ROWS, use_cache=False).loss
+        loss = model(input_ids=rows, labels=rows, use_cache=False).loss
         loss.backward()
         reference["loss"] = loss.detach().reshape(1)
         params = dict(model.named_parameters())
@@ -142,7 +124,7 @@ def make(name: str, out: Path) -> None:
             reference[f"grad.{weight}"] = params[weight].grad.detach().clone()
         model.zero_grad()
         peft_model = _lora(model, lora_target)
-        lora_loss = peft_model(input_ids=ROWS, labels=ROWS, use_cache=False).loss
+        lora_loss = peft_model(input_ids=rows, labels=rows, use_cache=False).loss
         lora_loss.backward()
         reference["lora_loss"] = lora_loss.detach().reshape(1)
         for pname, param in peft_model.named_parameters():
@@ -162,10 +144,11 @@ def make(name: str, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="fixture root, e.g. tests/fixtures/ports")
-    parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="families to (re)make")
+    specs = load_specs()
+    parser.add_argument("--only", nargs="+", choices=sorted(specs), help="fixtures to (re)make")
     args = parser.parse_args()
-    for name in args.only or sorted(FAMILIES):
-        make(name, args.out)
+    for name in args.only or sorted(specs):
+        make(name, specs[name], args.out)
     return 0
 
 

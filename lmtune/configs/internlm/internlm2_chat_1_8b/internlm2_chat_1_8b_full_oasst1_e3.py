@@ -38,10 +38,7 @@ use_varlen_attn = False
 data_path = "timdettmers/openassistant-guanaco"
 prompt_template = PROMPT_TEMPLATE.internlm2_chat
 max_length = 2048
-# The model's own (remote) attention code ignores the position ids that restart at each packed
-# sample, so packed samples would attend to each other: lmtune checks this before training and
-# stops. Rows are padded per batch instead.
-pack_to_max_length = False
+pack_to_max_length = True
 
 batch_size = 1  # per device
 accumulative_counts = 2  # 1 x 2 x 8 GPUs = 16 sequences per optimizer step
@@ -66,18 +63,18 @@ max_new_tokens = 256  # per answer: an untrained model may never stop, and each 
 tokenizer = dict(
     type=AutoTokenizer.from_pretrained,
     pretrained_model_name_or_path=pretrained_model_name_or_path,
-    trust_remote_code=True,
     padding_side="right")
 
-# Full fine-tuning: every weight is trained (the optimizer keeps fp32 master weights). trust_remote_code=True
-# runs the model code of the Hub repository.
+# Full fine-tuning: every weight is trained (the optimizer keeps fp32 master weights). The Hub repository of
+# InternLM2-Chat-1.8B ships model code written for transformers 4; lmtune loads the checkpoint as it is into
+# its own port of the architecture (lmtune.ports), so none of that code runs and no trust_remote_code is
+# needed.
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
-        trust_remote_code=True,
         torch_dtype=torch.float16))
 
 # PART 3  Dataset & Dataloader
