@@ -9,6 +9,8 @@ an export must copy them).
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -97,3 +99,76 @@ def internlm3_dir(root: Path) -> Path:
     return hub_dir(root, "internlm3", ("configuration_internlm3.py", "modeling_internlm3.py",
                                        "tokenization_internlm3.py"), "InternLM3Tokenizer",
                    ["tokenization_internlm3.InternLM3Tokenizer", None], INTERNLM2_SPECIALS[:2])
+
+
+def sentencepiece_ids(model_file: Path, text: str, specials: list[str], bos: bool = True) -> list[int]:
+    """What a slow sentencepiece tokenizer of the hub code gives: BOS (if it adds one), then the text
+    split at its special tokens, each piece encoded by sentencepiece on its own, the specials as their ids."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    marks = ["<s>", "</s>", "<unk>", *specials]
+    ids = [sp.bos_id()] if bos else []
+    for chunk in re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text):
+        if chunk in marks:
+            ids.append(sp.piece_to_id(chunk))
+        elif chunk:
+            ids += sp.encode(chunk)
+    return ids
+
+
+def train_library_config(name: str, hub: Path, tmp_path: Path, **overrides):
+    """Run the library config ``name`` for one short epoch on the hub-layout dir ``hub`` (fp32, tiny data of
+    the config's kind); the runner, after asserting that it packed, ran no remote code and logged finite losses."""
+    import torch
+    from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
+
+    from lmtune.cli import resolve_config
+    from lmtune.config import Config
+    from lmtune.engine.runner import Runner
+
+    data = tmp_path / "data"
+    write_jsonl(data / "alpaca.jsonl", alpaca_rows() * 3)
+    write_jsonl(data / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 3)
+    chats = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}] * 8
+    write_jsonl(data / "chats.jsonl", chats)
+    options = {"pretrained_model_name_or_path": str(hub), "max_length": 96, "max_epochs": 1, "accumulative_counts": 1,
+               "save_steps": 1000, "evaluation_inputs": ["Hi."], "max_new_tokens": 2,
+               "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"}
+    if "alpaca" in name:
+        options.update(data_path="json", **{"train_dataset.dataset.data_files": str(data / "alpaca.jsonl")})
+    elif "oasst1" in name:
+        options["data_path"] = str(data / "oasst1")
+    else:
+        options["data_files"] = str(data / "chats.jsonl")
+    if "qlora" in name:
+        options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
+    cfg = Config.fromfile(resolve_config(name), {**options, **overrides})
+    assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    assert "num_tokens" in runner.train_dataloader.dataset.column_names  # packed
+    runner.train()
+    losses = [json.loads(line)["loss"] for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(x) for x in losses)
+    return runner
+
+
+BAICHUAN_RESERVED = ["<reserved_102>", "<reserved_103>", "<reserved_106>", "<reserved_107>"]
+
+
+def baichuan_dir(root: Path, fixture: str = "baichuan2_7b") -> Path:
+    """A hub-layout Baichuan repository (BaichuanTokenizer). Baichuan's chat markers (``<reserved_N>``) are
+    ordinary pieces of its SentencePiece model, not added tokens; Baichuan2's tokenizer adds no BOS
+    (``add_bos_token: false``), Baichuan-7B's says nothing (the tokenizer's default: BOS)."""
+    code = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+    v2 = fixture.startswith("baichuan2")
+    extra = {"add_bos_token": False} if v2 else {}
+    target = hub_dir(root, fixture, code + (("generation_utils.py",) if v2 else ()), "BaichuanTokenizer",
+                     ["tokenization_baichuan.BaichuanTokenizer", None], BAICHUAN_RESERVED,
+                     additional_special_tokens=[], **extra)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    if not v2:
+        config.pop("add_bos_token")
+    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < 3}
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return target

@@ -10,13 +10,11 @@ back bit for bit, keep packed samples apart, and tokenize as the sentencepiece l
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from hub_models import FIXTURES, INTERNLM2_SPECIALS, STAND_IN_CODE, internlm2_dir
+from hub_models import FIXTURES, INTERNLM2_SPECIALS, STAND_IN_CODE, internlm2_dir, sentencepiece_ids
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.core_model_loading import revert_weight_conversion
@@ -147,22 +145,6 @@ def test_configs_and_meta_models_come_from_the_port():
 
 # ------------------------------------------------------------------ tokenizers
 
-def _sentencepiece_ids(model_file: Path, text: str, specials: list[str]) -> list[int]:
-    """What the original (slow, sentencepiece) tokenizer gives: BOS, then the text split at special
-    tokens, each piece encoded by sentencepiece on its own, the specials as their ids."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    marks = ["<s>", "</s>", "<unk>", *specials]
-    ids = [sp.bos_id()]
-    for chunk in re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text):
-        if chunk in marks:
-            ids.append(sp.piece_to_id(chunk))
-        elif chunk:
-            ids += sp.encode(chunk)
-    return ids
-
-
 TEXTS = ["What is the capital of France?", "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHi",
          "请给我介绍五个上海的景点 42 and 3.14", "  two  spaces,\ttab\n\nnewlines", "a</s>b<s> c<unk>",
          "<|action_start|><|plugin|>\n{}<|action_end|>", "emoji 🙂 and ẞ unseen characters", ""]
@@ -174,8 +156,8 @@ def test_internlm2_tokenizer_equals_sentencepiece_specials_included(tmp_path, tr
     tokenizer = build(dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=str(hub_dir),
                            trust_remote_code=trust_remote_code, padding_side="right"))
     for text in TEXTS:
-        assert tokenizer(text)["input_ids"] == _sentencepiece_ids(hub_dir / "tokenizer.model", text,
-                                                                  INTERNLM2_SPECIALS), text
+        expected = sentencepiece_ids(hub_dir / "tokenizer.model", text, INTERNLM2_SPECIALS)
+        assert tokenizer(text)["input_ids"] == expected, text
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 4
     assert tokenizer.decode(tokenizer("Say hello.")["input_ids"], skip_special_tokens=True) == "Say hello."
@@ -333,34 +315,8 @@ LIBRARY_RUNS = [("internlm2_chat_7b_qlora_alpaca_e3", "internlm2"), ("internlm2_
 
 @pytest.mark.parametrize("name,fixture", LIBRARY_RUNS)
 def test_library_configs_of_ported_families_train_packed_without_remote_code(name, fixture, tmp_path):
-    from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
-    from hub_models import internlm3_dir
-
-    from lmtune.cli import resolve_config
-    from lmtune.config import Config
-    from lmtune.engine.runner import Runner
+    from hub_models import internlm3_dir, train_library_config
 
     hub = internlm2_dir(tmp_path) if fixture == "internlm2" else internlm3_dir(tmp_path)
-    data = tmp_path / "data"
-    write_jsonl(data / "alpaca.jsonl", alpaca_rows() * 3)
-    write_jsonl(data / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 3)
-    chats = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}] * 8
-    write_jsonl(data / "chats.jsonl", chats)
-    options = {"pretrained_model_name_or_path": str(hub), "max_length": 96, "max_epochs": 1, "accumulative_counts": 1,
-               "save_steps": 1000, "evaluation_inputs": ["Hi."], "max_new_tokens": 2,
-               "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"}
-    if "alpaca" in name:
-        options.update(data_path="json", **{"train_dataset.dataset.data_files": str(data / "alpaca.jsonl")})
-    elif "oasst1" in name:
-        options["data_path"] = str(data / "oasst1")
-    else:
-        options["data_files"] = str(data / "chats.jsonl")
-    if "qlora" in name:
-        options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
-    cfg = Config.fromfile(resolve_config(name), options)
-    assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
-    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    runner = train_library_config(name, hub, tmp_path)
     assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.internlm"
-    runner.train()
-    losses = [json.loads(line)["loss"] for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
-    assert losses and all(math.isfinite(x) for x in losses)

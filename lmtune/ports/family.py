@@ -41,6 +41,9 @@ FAMILIES: tuple[Family, ...] = (
            ("InternLM3Tokenizer",), ("internlm/internlm3-8b-instruct",)),
     Family("internlm", "InternLM", "internlm", "transformers' LlamaForCausalLM (biased attention projections)",
            ("InternLMTokenizer",), ("internlm/internlm-chat-7b",)),
+    Family("baichuan", "Baichuan / Baichuan2", "baichuan",
+           "transformers' Llama blocks; W_pack split into q/k/v; Baichuan2's normalised head; ALiBi for 13B",
+           ("BaichuanTokenizer",), ("baichuan-inc/Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-13B-Chat")),
 )
 
 BY_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}
