@@ -2,17 +2,22 @@
 
 Two steps, in two environments:
 
-    # 1. lmtune (transformers 5): train a tiny hub-layout InternLM2 (full fine-tuning, and LoRA then
-    #    merge), export both with `lmtune convert`, and record the trained model's logits
-    .venv/bin/python tools/port_export_check.py make /tmp/export_check \\
+    # 1. lmtune (transformers 5): train a tiny hub-layout checkpoint of a ported family (full
+    #    fine-tuning, and LoRA then merge), export both with `lmtune convert`, record the trained logits
+    .venv/bin/python tools/port_export_check.py make /tmp/export_check --fixture internlm2 \\
         --code-dir benchmarks/.venv-xtuner/lib/python3.11/site-packages/xtuner/_lite/modelings/internlm2
 
-    # 2. the original code (transformers 4.48, benchmarks/setup_xtuner_env.sh): load each export with
-    #    trust_remote_code=True and compare its logits to the recorded ones (fp32, 1e-5)
+    # 2. the original code (transformers 4.48, benchmarks/setup_xtuner_env.sh): load each export with it
+    #    and compare its logits to the recorded ones (fp32, 1e-5)
     benchmarks/.venv-xtuner/bin/python tools/port_export_check.py verify /tmp/export_check
 
-``--code-dir`` holds the family's original code files; they are copied into the tiny repository, so
-the exports carry them as a real checkpoint's export does (lmtune copies the source's code files).
+``--fixture`` names a fixture of tests/fixtures/ports (the tiny checkpoint trained); the original code
+is that fixture's spec in tools/port_refs (``tools/port_fixtures.py``). Its code files are copied into
+the tiny repository (from ``--code-dir`` where given, else from where the spec finds them), so the
+exports carry them as a real checkpoint's export does (lmtune copies the source's code files).
+``verify`` loads an export with ``from_pretrained(..., trust_remote_code=True)``, or, for a spec that
+builds its reference model itself (code that needs shims to import), builds it from the export's
+config.json and loads the export's weights into it, every key matched.
 """
 
 from __future__ import annotations
@@ -55,17 +60,38 @@ def _train(hub_dir: Path, work: Path, full: bool):
     return ckpt.find_latest(runner.work_dir), logits
 
 
-def make(out: Path, code_dir: Path) -> None:
+def _specs() -> dict:
+    sys.path.insert(0, str(REPO / "tools"))
+    from port_fixtures import load_specs
+
+    return load_specs()
+
+
+def _hub_dir(root: Path, fixture: str) -> Path:
+    """The tiny hub-layout repository of ``fixture`` with a tokenizer in its family's style (tests/hub_models.py)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from hub_models import internlm2_dir
+    import hub_models
+
+    builders = {"internlm2": hub_models.internlm2_dir, "internlm3": hub_models.internlm3_dir,
+                "baichuan": hub_models.baichuan_dir}
+    family = next((b for prefix, b in builders.items() if fixture.startswith(prefix)), None)
+    if family is None:
+        sys.exit(f"no hub-dir builder for fixture {fixture!r} (known: {', '.join(builders)})")
+    return family(root, fixture)
+
+
+def make(out: Path, fixture: str, code_dir: Path | None) -> None:
     from safetensors.torch import save_file
 
     from lmtune.tools import convert
 
+    spec = _specs()[fixture]
     shutil.rmtree(out, ignore_errors=True)
-    hub_dir = internlm2_dir(out / "source")
-    for name in ("configuration_internlm2.py", "modeling_internlm2.py"):
+    hub_dir = _hub_dir(out / "source", fixture)
+    code_dir = code_dir or spec["code"]()
+    for name in spec["files"]:
         shutil.copyfile(code_dir / name, hub_dir / name)  # the original code, as a real repository has it
+    (out / "fixture.txt").write_text(fixture)
     expected = {"input_ids": ROWS}
     latest, expected["full"] = _train(hub_dir, out / "full_run", full=True)
     convert.pth_to_hf(None, latest, out / "full")
@@ -76,17 +102,35 @@ def make(out: Path, code_dir: Path) -> None:
     print(f"exports in {out}/full and {out}/merged; now run `verify` with the original code's environment")
 
 
-def verify(out: Path) -> int:
-    import transformers
+def _original(spec: dict, export: Path):
+    """The export loaded by the original code."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    if "build" not in spec:
+        return AutoModelForCausalLM.from_pretrained(str(export), trust_remote_code=True, torch_dtype=torch.float32)
+    model = spec["build"](export)
+    state = load_file(str(export / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    persistent = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()
+                                                             if "inv_freq" not in k and "alibi" not in k}
+    missing = [k for k in missing if k in persistent]
+    if missing or unexpected:
+        sys.exit(f"{export}: the original model's weights and the export's differ: missing {missing}, "
+                 f"unexpected {unexpected}")
+    return model
+
+
+def verify(out: Path) -> int:
+    import transformers
+    from safetensors.torch import load_file
+
+    spec = _specs()[(out / "fixture.txt").read_text().strip()]
     expected = load_file(str(out / "expected.safetensors"))
     worst = 0.0
     for name in ("full", "merged"):
         config = json.loads((out / name / "config.json").read_text())
-        model = AutoModelForCausalLM.from_pretrained(str(out / name), trust_remote_code=True,
-                                                     torch_dtype=torch.float32)
+        model = _original(spec, out / name).to(torch.float32)
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=expected["input_ids"], use_cache=False).logits.float()
@@ -104,12 +148,13 @@ def main() -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     make_p = sub.add_parser("make", help="train, export and record logits (lmtune's environment)")
     make_p.add_argument("out", type=Path)
-    make_p.add_argument("--code-dir", type=Path, required=True, help="the family's original code files")
+    make_p.add_argument("--fixture", default="internlm2", help="a fixture of tests/fixtures/ports (default internlm2)")
+    make_p.add_argument("--code-dir", type=Path, help="the family's original code files (default: the spec's)")
     verify_p = sub.add_parser("verify", help="load the exports with the original code (transformers 4)")
     verify_p.add_argument("out", type=Path)
     args = parser.parse_args()
     if args.step == "make":
-        make(args.out, args.code_dir)
+        make(args.out, args.fixture, args.code_dir)
         return 0
     return verify(args.out)
 
