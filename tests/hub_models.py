@@ -172,3 +172,15 @@ def baichuan_dir(root: Path, fixture: str = "baichuan2_7b") -> Path:
     config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < 3}
     (target / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return target
+
+
+def internlm_dir(root: Path, fixture: str = "internlm") -> Path:
+    """A hub-layout InternLM (v1) repository: InternLMTokenizer (SentencePiece, BOS added); its chat markers
+    ``<eoh>`` and ``<eoa>`` are pieces of the SentencePiece model."""
+    target = hub_dir(root, fixture, ("configuration_internlm.py", "modeling_internlm.py", "tokenization_internlm.py"),
+                     "InternLMTokenizer", ["tokenization_internlm.InternLMTokenizer", None], ["<eoh>", "<eoa>"],
+                     additional_special_tokens=[])
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < 3}
+    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return target

@@ -163,6 +163,17 @@ def test_internlm2_tokenizer_equals_sentencepiece_specials_included(tmp_path, tr
     assert tokenizer.decode(tokenizer("Say hello.")["input_ids"], skip_special_tokens=True) == "Say hello."
 
 
+def test_internlm_v1_tokenizer_equals_sentencepiece(tmp_path):
+    from hub_models import internlm_dir
+
+    hub_dir = internlm_dir(tmp_path)
+    tokenizer = build(dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=str(hub_dir),
+                           trust_remote_code=True))
+    for text in [*TEXTS, "<|User|>:Hi<eoh>\n<|Bot|>:Hello<eoa>\n"]:
+        assert tokenizer(text)["input_ids"] == sentencepiece_ids(hub_dir / "tokenizer.model", text, []), text
+    assert tokenizer.convert_tokens_to_ids("<eoa>") in tokenizer("x<eoa>")["input_ids"]
+
+
 def test_a_ported_tokenizer_saves_as_the_repositorys_own_files(tmp_path):
     hub_dir = internlm2_dir(tmp_path)
     tokenizer = ports.from_pretrained(AutoTokenizer, str(hub_dir), trust_remote_code=True)

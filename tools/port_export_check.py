@@ -73,7 +73,7 @@ def _hub_dir(root: Path, fixture: str) -> Path:
     import hub_models
 
     builders = {"internlm2": hub_models.internlm2_dir, "internlm3": hub_models.internlm3_dir,
-                "baichuan": hub_models.baichuan_dir}
+                "baichuan": hub_models.baichuan_dir, "internlm": hub_models.internlm_dir}
     family = next((b for prefix, b in builders.items() if fixture.startswith(prefix)), None)
     if family is None:
         sys.exit(f"no hub-dir builder for fixture {fixture!r} (known: {', '.join(builders)})")
