@@ -46,7 +46,7 @@ TOKENIZER_STYLES: dict[str, dict] = {
     "chatglm3": dict(bos=None, eos="</s>", markers=["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]),
     "baichuan2_chat": dict(bos=None, eos="</s>", markers=["<reserved_106>", "<reserved_107>"]),
     "minicpm": dict(bos="<s>", eos="</s>", markers=["<用户>", "<AI>"]),
-    "minicpm3": dict(bos="<s>", eos="<|im_end|>", markers=["<|im_start|>", "<|im_end|>"]),
+    "minicpm3": dict(bos=None, eos="<|im_end|>", markers=["<|im_start|>", "<|im_end|>"]),
 }
 
 PAD = "<pad>"
