@@ -39,9 +39,14 @@ FAMILIES: tuple[Family, ...] = (
            ("internlm/internlm2-chat-7b", "internlm/internlm2-chat-1_8b", "internlm/internlm2_5-7b-chat")),
     Family("internlm3", "InternLM3", "internlm", "transformers' InternLM3 (the Llama implementation)",
            ("InternLM3Tokenizer",), ("internlm/internlm3-8b-instruct",)),
+    Family("internlm", "InternLM", "internlm", "transformers' LlamaForCausalLM (biased attention projections)",
+           ("InternLMTokenizer",), ("internlm/internlm-chat-7b",)),
     Family("baichuan", "Baichuan / Baichuan2", "baichuan",
            "transformers' Llama blocks; W_pack split into q/k/v; Baichuan2's normalised head; ALiBi for 13B",
            ("BaichuanTokenizer",), ("baichuan-inc/Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-13B-Chat")),
+    Family("minicpm", "MiniCPM", "minicpm",
+           "transformers' GraniteForCausalLM (MiniCPM's embedding and residual scaling; a head that divides its input)",
+           (), ("openbmb/MiniCPM-2B-sft-bf16",)),
     Family("minicpm3", "MiniCPM3", "minicpm", "transformers' MiniCPM3ForCausalLM (the hub's weight names)",
            ("MiniCPMTokenizer",), ("openbmb/MiniCPM3-4B",)),)
 
