@@ -235,7 +235,7 @@ def lmtune_worker(args: argparse.Namespace) -> None:
 
     from lmtune.dataset import process_hf_dataset
     from lmtune.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
-    from lmtune.utils import PROMPT_TEMPLATE
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
 
     messages: list[str] = []
 

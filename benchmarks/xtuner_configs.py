@@ -380,7 +380,7 @@ def data_format(node: dict) -> str:
 
 def describe(cfg, rel: str) -> dict:
     """What a loaded config is: model, architecture, method, data formats, template, hub needs."""
-    from lmtune.utils import PROMPT_TEMPLATE
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
 
     info: dict = {"framework": cfg.get("framework", "mmengine")}
     hub_ids = []

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import lmtune
-from lmtune.config.errors import ConfigError, nearest
+from lmtune.core.errors import ConfigError, nearest
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 

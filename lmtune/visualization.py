@@ -36,8 +36,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from lmtune.config.errors import ConfigError, nearest
-from lmtune.engine.dist import is_main_process
+from lmtune.core.dist import is_main_process
+from lmtune.core.errors import ConfigError, nearest
 
 logger = logging.getLogger("lmtune")
 

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.encode import ConversationEncoder
 from lmtune.dataset.map_fns.template_map_fn import template_map_fn_factory
 from lmtune.tools import chat as chat_mod
 from lmtune.tools.chat import ChatSession, add_parser, interactive
-from lmtune.utils.constants import IGNORE_INDEX
 
 SYSTEM = "You are a helpful assistant."
 

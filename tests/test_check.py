@@ -15,9 +15,9 @@ from conftest import OASST1_ROWS, write_jsonl
 import lmtune
 from lmtune.config import Config, ConfigError, build
 from lmtune.dataset.huggingface import process_hf_dataset
+from lmtune.dataset.templates import PROMPT_TEMPLATE
 from lmtune.tools import check
 from lmtune.tools.check import check_config, run_check
-from lmtune.utils import PROMPT_TEMPLATE
 
 SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
 NO_QUANT = {"model.llm.quantization_config": None}

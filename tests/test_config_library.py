@@ -28,9 +28,9 @@ import lmtune
 from lmtune import cli
 from lmtune.config import Config
 from lmtune.config.build import build
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.encode import ConversationEncoder
-from lmtune.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = Path(lmtune.__file__).parent / "configs"

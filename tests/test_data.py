@@ -17,7 +17,8 @@ from datasets import Dataset, load_dataset
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
 from lmtune.dataset import DefaultSampler, process_hf_dataset
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.encode import ConversationEncoder, tokenizer_adds_bos
@@ -30,9 +31,8 @@ from lmtune.dataset.map_fns import (
     template_map_fn_factory,
 )
 from lmtune.dataset.packing import best_fit_bins, pack_batch
+from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 from lmtune.model import SupervisedFinetune
-from lmtune.utils.constants import IGNORE_INDEX
-from lmtune.utils.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 
 IGN = IGNORE_INDEX
 QWEN = PROMPT_TEMPLATE.qwen_chat

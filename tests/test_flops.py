@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lmtune.core.constants import IGNORE_INDEX as X
 from lmtune.engine.flops import AttentionLayer, FlopCounter, MatmulParams, count_targets, sample_lengths
-from lmtune.utils.constants import IGNORE_INDEX as X
 
 # The tiny Llama: hidden 64, 4 heads of 16 (2 key/value heads), MLP 128, 2 layers, vocab 100.
 # Matmul weights of one layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate, up, down 3 * 64*128

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtune.config import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.model import loss as loss_mod
 from lmtune.model.loss import LogitTransform, choose_impl, linear_cross_entropy_sum
 from lmtune.model.sft import SupervisedFinetune
-from lmtune.utils.constants import IGNORE_INDEX
 
 GEMMA_LIKE = LogitTransform(scale=0.5, softcap=3.0)
 

@@ -32,7 +32,7 @@ from lmtune.dataset.map_fns import (
     wizardlm_map_fn,
 )
 from lmtune.dataset.map_fns.msagent_map_fn import REACT_SYSTEM
-from lmtune.utils import SYSTEM_TEMPLATE
+from lmtune.dataset.templates import SYSTEM_TEMPLATE
 
 DROPPED = {"conversation": []}
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmtune.config import ConfigError, build
-from lmtune.engine import device as device_mod
+from lmtune.core import device as device_mod
 from lmtune.engine.optim import AmpOptimWrapper, OptimWrapper
 from lmtune.model import SupervisedFinetune
 from lmtune.model.sft import find_all_linear_names

@@ -11,12 +11,12 @@ from conftest import write_jsonl
 from datasets import load_dataset
 
 from lmtune.config import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset import ConcatDataset, process_hf_dataset
 from lmtune.dataset import cache as dcache
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.map_fns import alpaca_map_fn, oasst1_map_fn, template_map_fn_factory
-from lmtune.utils import PROMPT_TEMPLATE
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.dataset.templates import PROMPT_TEMPLATE
 
 QWEN = PROMPT_TEMPLATE.qwen_chat
 

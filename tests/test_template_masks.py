@@ -31,14 +31,14 @@ from real_tokenizers import (
     qwen2_5_tokenizer,
 )
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
 from lmtune.dataset import process_hf_dataset
 from lmtune.dataset.chat_template import chat_template_end_ids, encode_with_chat_template
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.encode import ConversationEncoder, encode_prompt
 from lmtune.dataset.map_fns import openai_map_fn, template_map_fn_factory
 from lmtune.engine.hooks.chat import EvaluateChatHook
-from lmtune.utils.constants import IGNORE_INDEX
 
 IGN = IGNORE_INDEX
 SYSTEM = "Be brief."

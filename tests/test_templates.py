@@ -7,7 +7,7 @@ import string
 import pytest
 
 from lmtune.config.configdict import ConfigDict
-from lmtune.utils.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
+from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
 
 REQUIRED = {"SYSTEM", "INSTRUCTION", "STOP_WORDS"}
 OPTIONAL = {"SUFFIX", "SUFFIX_AS_EOS", "SEP"}
@@ -54,7 +54,7 @@ CHATML = (
 )
 
 # Hand-written from each model's published chat format (BOS omitted, no separator
-# after the last round, and the deviations documented in lmtune/utils/templates.py).
+# after the last round, and the deviations documented in lmtune/dataset/templates.py).
 EXPECTED = {
     "chatml": CHATML,
     "qwen_chat": CHATML,

@@ -13,13 +13,13 @@ import torch
 
 import lmtune
 from lmtune.config import Config, ConfigError
+from lmtune.core.constants import IGNORE_INDEX as X
 from lmtune.engine.flops import FlopCounter, count_targets, sample_lengths
 from lmtune.engine.hooks import Hook, ThroughputHook
 from lmtune.engine.hooks import throughput as tp
 from lmtune.engine.hooks.hook import priority_value
 from lmtune.engine.runner import Runner
 from lmtune.engine.runner.runner import MessageHub
-from lmtune.utils.constants import IGNORE_INDEX as X
 
 SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
 

@@ -115,8 +115,8 @@ def test_no_4bit_backend_stops_with_one_sentence(tmp_path, tiny_model_dir, oasst
 def test_every_part1_setting_reaches_its_component(tmp_path, tiny_model_dir, oasst1_dir):
     from torch.optim import Adam
 
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
     from lmtune.engine.hooks import CheckpointHook, EvaluateChatHook
-    from lmtune.utils import PROMPT_TEMPLATE
 
     runner = make_runner(
         tmp_path, tiny_model_dir, oasst1_dir,

@@ -88,6 +88,21 @@ def test_the_aliases_exist_only_while_a_config_loads(tmp_path):
         import xtuner  # noqa: F401
 
 
+def test_configs_written_for_an_older_lmtune_layout_still_load(tmp_path):
+    from lmtune.core.constants import IGNORE_INDEX
+    from lmtune.dataset import PROMPT_TEMPLATE
+
+    path = tmp_path / "old.py"
+    path.write_text("from lmtune.utils import PROMPT_TEMPLATE, IGNORE_INDEX\n"
+                    "from lmtune.utils.templates import SYSTEM_TEMPLATE\n"
+                    "template = PROMPT_TEMPLATE.internlm2_chat\nignore = IGNORE_INDEX\n"
+                    "system = SYSTEM_TEMPLATE.alpaca\n")
+    cfg = Config.fromfile(path)
+    assert cfg.template == PROMPT_TEMPLATE.internlm2_chat and cfg.ignore == IGNORE_INDEX and cfg.system
+    with pytest.raises(ModuleNotFoundError):
+        import lmtune.utils  # noqa: F401  (only configs get the old path)
+
+
 def test_a_name_lmtune_lacks_is_reported_with_its_line(tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text("x = 1\nfrom xtuner.dataset import NoSuchDataset\n")

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmtune.config import Config, ConfigError, build
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset import (
     MOSSSFTDataset,
     build_packed_dataset,
@@ -28,7 +29,6 @@ from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.intern_repo import PackedDataset
 from lmtune.dataset.packing import concat_cut_batch
 from lmtune.dataset.samplers import DefaultSampler, InternRepoSampler
-from lmtune.utils.constants import IGNORE_INDEX
 
 IGN = IGNORE_INDEX
 
@@ -239,7 +239,7 @@ def test_untokenized_chat_files_are_templated_and_packed(tiny_model_dir, tiny_to
     from transformers import AutoTokenizer
 
     from lmtune.dataset.map_fns import openai_map_fn, template_map_fn_factory
-    from lmtune.utils.templates import PROMPT_TEMPLATE
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
 
     chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
              for i in range(6)]

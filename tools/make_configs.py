@@ -243,7 +243,8 @@ def _imports(method: str, dataset: str) -> str:
                  + (", BitsAndBytesConfig" if method == "qlora" else ""))
     lines.append("")
     lines += [
-        "from lmtune.dataset import DefaultSampler, process_hf_dataset",
+        "from lmtune.dataset import PROMPT_TEMPLATE, " + ("SYSTEM_TEMPLATE, " if dataset == "alpaca" else "")
+        + "DefaultSampler, process_hf_dataset",
         "from lmtune.dataset.collate_fns import default_collate_fn",
         f"from lmtune.dataset.map_fns import {_DATA[dataset]['map_fn']}, template_map_fn_factory",
         "from lmtune.engine.hooks import (",
@@ -259,7 +260,6 @@ def _imports(method: str, dataset: str) -> str:
         "from lmtune.engine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR",
         "from lmtune.engine.runner import TrainLoop",
         "from lmtune.model import SupervisedFinetune",
-        "from lmtune.utils import PROMPT_TEMPLATE" + (", SYSTEM_TEMPLATE" if dataset == "alpaca" else ""),
     ]
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
     "xtuner.model": ("lmtune.model",),
     "xtuner.parallel": ("lmtune.parallel",),
     "xtuner.parallel.sequence": ("lmtune.parallel.sequence",),
-    "xtuner.utils": ("lmtune.utils",),
+    "xtuner.utils": ("lmtune.core.constants", "lmtune.dataset.templates"),
     "mmengine.dataset": ("lmtune.dataset.samplers", "lmtune.dataset"),
     "mmengine.hooks": ("lmtune.engine.hooks",),
     "mmengine.optim": ("lmtune.engine.optim",),
@@ -41,6 +41,14 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 ALIASED_PACKAGES = ("xtuner", "mmengine")
+
+# lmtune's own module paths that moved: configs written against an older lmtune keep loading
+LEGACY_MODULES: dict[str, tuple[str, ...]] = {
+    "lmtune.utils": ("lmtune.core.constants", "lmtune.dataset.templates"),
+    "lmtune.utils.constants": ("lmtune.core.constants",),
+    "lmtune.utils.templates": ("lmtune.dataset.templates",),
+}
+MODULE_ALIASES.update(LEGACY_MODULES)
 
 # Optional download/hub packages some configs import at the top. When one is not installed the config
 # still loads; what it names fails when it is built (called), saying what to install.
@@ -60,7 +68,7 @@ class _Missing:
         return _Missing(f"{self._dotted}.{name}", self._hint)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from lmtune.config.errors import ConfigError
+        from lmtune.core.errors import ConfigError
 
         raise ConfigError(f"{self._dotted} is needed by this config but its package is not installed: "
                           f"{self._hint}")
@@ -161,7 +169,7 @@ def make_import(config_path: Path, load_base: Callable[[Path], dict[str, Any]]) 
                 if exc.name is None or exc.name.split(".")[0] != top:
                     raise
                 return _optional_module(name, fromlist)
-        if top not in ALIASED_PACKAGES:
+        if top not in ALIASED_PACKAGES and not (fromlist and name in LEGACY_MODULES):
             return real_import(name, globals, locals, fromlist, level)
         if not fromlist:  # `import xtuner.dataset`: the top-level name, with its submodules as attributes
             root = alias_module(top)

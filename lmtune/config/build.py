@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from lmtune.config.errors import ConfigError, nearest
+from lmtune.core.errors import ConfigError, nearest
 
 
 def is_type_dict(value: Any) -> bool:

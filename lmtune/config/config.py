@@ -28,7 +28,7 @@ from typing import Any
 from lmtune.config.aliases import config_builtins, make_import
 from lmtune.config.build import check_kwargs, import_dotted, is_type_dict, resolve_callable
 from lmtune.config.configdict import ConfigDict
-from lmtune.config.errors import ConfigError, nearest
+from lmtune.core.errors import ConfigError, nearest
 
 _OVERRIDE_VAR = "__lmtune_overrides__"
 

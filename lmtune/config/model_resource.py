@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config.build import import_dotted
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 logger = logging.getLogger("lmtune")
 

@@ -10,7 +10,8 @@ from lmtune.dataset.intern_repo import (
 from lmtune.dataset.modelscope import process_ms_dataset
 from lmtune.dataset.moss import MOSSSFTDataset
 from lmtune.dataset.samplers import DefaultSampler
+from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
 
-__all__ = ["ConcatDataset", "DefaultSampler", "MOSSSFTDataset", "build_packed_dataset",
-           "load_intern_repo_tokenized_dataset", "load_intern_repo_untokenized_dataset", "process_hf_dataset",
-           "process_ms_dataset"]
+__all__ = ["PROMPT_TEMPLATE", "SYSTEM_TEMPLATE", "ConcatDataset", "DefaultSampler", "MOSSSFTDataset",
+           "build_packed_dataset", "get_template", "load_intern_repo_tokenized_dataset",
+           "load_intern_repo_untokenized_dataset", "process_hf_dataset", "process_ms_dataset"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lmtune
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 logger = logging.getLogger("lmtune")
 

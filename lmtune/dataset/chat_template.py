@@ -26,8 +26,8 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
-from lmtune.config.errors import ConfigError
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
 
 __all__ = [
     "CHAT_TEMPLATE_KEY",

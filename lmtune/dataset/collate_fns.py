@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmtune.utils.constants import DEFAULT_PAD_TOKEN_INDEX, IGNORE_INDEX
+from lmtune.core.constants import DEFAULT_PAD_TOKEN_INDEX, IGNORE_INDEX
 
 
 def _positions(lengths: Sequence[int]) -> list[int]:

@@ -12,8 +12,8 @@ own chat template instead (``lmtune.dataset.chat_template``).
 
 from __future__ import annotations
 
+from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
-from lmtune.utils.constants import IGNORE_INDEX
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

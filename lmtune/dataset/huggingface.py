@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from lmtune.config.build import build, is_type_dict
-from lmtune.config.errors import ConfigError, nearest
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.dist import get_rank, is_distributed
+from lmtune.core.errors import ConfigError, nearest
 from lmtune.dataset import cache
 from lmtune.dataset.encode import ConversationEncoder
 from lmtune.dataset.packing import PACKERS
-from lmtune.engine.dist import get_rank, is_distributed
-from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
 

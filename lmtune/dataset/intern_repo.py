@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from lmtune.config.build import build
-from lmtune.config.errors import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
 from lmtune.dataset.concat import ConcatDataset
-from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
 

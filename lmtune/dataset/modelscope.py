@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmtune.config.build import build, check_kwargs, is_type_dict
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.dataset.huggingface import process_hf_dataset
 
 INSTALL_HINT = "pip install modelscope"

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from lmtune.config.build import build
-from lmtune.config.errors import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.dist import get_rank, is_distributed
+from lmtune.core.errors import ConfigError
 from lmtune.dataset import cache
-from lmtune.engine.dist import get_rank, is_distributed
-from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
 

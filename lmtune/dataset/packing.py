@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.core.constants import IGNORE_INDEX
 
 
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from lmtune.config.errors import ConfigError
-from lmtune.engine.dist import get_rank, get_world_size
+from lmtune.core.dist import get_rank, get_world_size
+from lmtune.core.errors import ConfigError
 
 
 class DefaultSampler(Sampler[int]):

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 POINTER = "last_checkpoint"
 WEIGHTS = "model.safetensors"

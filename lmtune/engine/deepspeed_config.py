@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from lmtune.config.errors import ConfigError, nearest
-from lmtune.engine.device import bf16_supported
+from lmtune.core.device import bf16_supported
+from lmtune.core.errors import ConfigError, nearest
 
 logger = logging.getLogger("lmtune")
 

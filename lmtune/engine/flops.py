@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.core.constants import IGNORE_INDEX
 
 _ATTENTION_NAME = re.compile(r"Attention\d*$")
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 # set in the workers torchrun starts: such a process never re-launches itself
 _TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.config.errors import ConfigError
-from lmtune.engine.dist import all_reduce_sum, get_world_size, is_main_process
+from lmtune.core.dist import all_reduce_sum, get_world_size, is_main_process
+from lmtune.core.errors import ConfigError
 from lmtune.model.compile import decoder_layers
 
 logger = logging.getLogger("lmtune")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 
 def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.core.constants import IGNORE_INDEX
 
 DEFAULT_LOSS_CHUNK_SIZE = "auto"
 # "auto" on accelerators: as many positions per chunk as keep one chunk's fp32 logits at 2**25 values

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 _SWITCH = ("To fine-tune with LoRA instead, set quantization_config=None in the model.llm dict "
            "of your config (or pass --cfg-options model.llm.quantization_config=None).")

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lmtune.config.build import build, is_type_dict
-from lmtune.config.errors import ConfigError
-from lmtune.engine.device import as_dtype, default_device, warn_once
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.device import as_dtype, default_device, warn_once
+from lmtune.core.errors import ConfigError
 from lmtune.model.compile import compile_decoder_layers, compile_options, decoder_layers
 from lmtune.model.loss import (
     DEFAULT_LOSS_CHUNK_SIZE,
@@ -23,7 +24,6 @@ from lmtune.model.loss import (
 from lmtune.model.packed_attention import SEGMENTS_KWARG, segment_bounds, use_packed_sdpa
 from lmtune.model.quantization import check_4bit_backend
 from lmtune.ports import native_target_modules
-from lmtune.utils.constants import IGNORE_INDEX
 
 logger = logging.getLogger("lmtune")
 

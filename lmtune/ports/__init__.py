@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.ports.family import BY_TYPE, FAMILIES, Family, family_of, family_of_tokenizer, native_titles
 
 __all__ = [

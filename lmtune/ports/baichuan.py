@@ -40,7 +40,7 @@ from transformers.core_model_loading import Chunk, WeightConverter
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.ports.layout import HubLayoutMixin
 from lmtune.ports.llama_like import llama_kwargs, rope_parameters
 
@@ -307,7 +307,7 @@ def native_config(hub: dict) -> BaichuanNativeConfig:
     max_positions = hub.get("model_max_length", 4096) if alibi else hub["max_position_embeddings"]
     z_loss = float(hub.get("z_loss_weight") or 0.0)
     if z_loss:
-        from lmtune.engine.device import warn_once
+        from lmtune.core.device import warn_once
 
         warn_once(f"Baichuan config.json has z_loss_weight={z_loss}: lmtune trains with the plain cross-entropy "
                   "(the z-loss term is not applied)")

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.ports.layout import HubLayoutMixin
 from lmtune.ports.llama_like import llama_kwargs, rope_parameters
 from lmtune.ports.ops import GroupedQKVSplit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 # keys of a hub config.json that say how it was made, not what the model is
 BOOKKEEPING_KEYS = ("auto_map", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",

@@ -45,7 +45,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GraniteConfig, GraniteForCausalLM, MiniCPM3Config, MiniCPM3ForCausalLM
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.ports.layout import HubLayoutMixin
 from lmtune.ports.llama_like import llama_kwargs
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmtune.config.errors import ConfigError, nearest
+from lmtune.core.errors import ConfigError, nearest
 
 _GLOB_CHARS = set("*?[")
 

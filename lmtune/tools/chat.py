@@ -20,7 +20,7 @@ from typing import Any
 from lmtune.dataset.chat_template import chat_template_end_ids, has_chat_template
 from lmtune.dataset.encode import ConversationEncoder, encode_prompt
 from lmtune.dataset.map_fns.template_map_fn import template_map_fn
-from lmtune.utils.templates import SYSTEM_TEMPLATE, get_template
+from lmtune.dataset.templates import SYSTEM_TEMPLATE, get_template
 
 __all__ = ["ChatSession", "add_parser", "default_prompt_template", "interactive", "load_for_chat",
            "recorded_export"]

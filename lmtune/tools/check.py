@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from lmtune.config.build import build, is_type_dict, resolve_callable
-from lmtune.config.errors import ConfigError
-from lmtune.utils.constants import IGNORE_INDEX
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
 
 DEFAULT_ROWS = 200
 GIB = 1024**3
@@ -481,7 +481,7 @@ def _template_of(cfg: Any, ds_cfgs: list[dict]) -> tuple[bool, Any]:
 
 def _check_template(report: CheckReport, w: _Report, cfg: Any, ds_cfgs: list[dict], tokenizer: Any) -> None:
     from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
-    from lmtune.utils.templates import PROMPT_TEMPLATE, get_template
+    from lmtune.dataset.templates import PROMPT_TEMPLATE, get_template
 
     configured, template = _template_of(cfg, ds_cfgs)
     if not configured:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 CONFIG_COPY = "lmtune_config.py"
 EXPORT_INFO = "lmtune_export.json"
@@ -36,7 +36,7 @@ def _check_checkpoint(checkpoint: str | os.PathLike) -> Path:
 
 def _template_name(template: Any) -> Any:
     """The name of a built-in prompt template equal to ``template``, else the template as a plain dict."""
-    from lmtune.utils import PROMPT_TEMPLATE
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
 
     if template is None:
         return None
@@ -144,7 +144,7 @@ def _loadable_on_this_device(llm_cfg: Any) -> Any:
     import torch
 
     from lmtune.config import is_type_dict
-    from lmtune.engine.device import as_dtype, default_device
+    from lmtune.core.device import as_dtype, default_device
 
     if not is_type_dict(llm_cfg) or default_device().type != "cpu":
         return llm_cfg
@@ -199,7 +199,7 @@ def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.Path
     its tokenizer (full), with the training config and ``lmtune_export.json`` (template, system prompt)."""
     import torch
 
-    from lmtune.engine.device import as_dtype
+    from lmtune.core.device import as_dtype
 
     model.eval()
     model_cfg = dict(cfg.model)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 SCALARS_FILE = "scalars.jsonl"
 CURVES_FILE = "curves.png"

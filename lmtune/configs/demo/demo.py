@@ -7,7 +7,7 @@ from peft import LoraConfig  # noqa: F401  (see the LoRA note in PART 2)
 from torch.optim import AdamW
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtune.dataset import DefaultSampler, process_hf_dataset
+from lmtune.dataset import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, DefaultSampler, process_hf_dataset
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.map_fns import alpaca_map_fn, template_map_fn_factory
 from lmtune.engine.hooks import (
@@ -23,7 +23,6 @@ from lmtune.engine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from lmtune.engine.runner import TrainLoop
 from lmtune.model import SupervisedFinetune
 from lmtune.tools.demo import demo_data_path, demo_model_dir
-from lmtune.utils import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
 
 #######################################################################
 #                          PART 1  Settings                           #

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 
 _HINT = "choose the dataset_map_fn that matches your data's format"
 

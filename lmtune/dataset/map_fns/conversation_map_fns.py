@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from lmtune.config.errors import ConfigError
+from lmtune.core.errors import ConfigError
 from lmtune.dataset.map_fns._common import _as_text, _join, _require_any, _text
 
 USER_ROLES = frozenset({"human", "user"})

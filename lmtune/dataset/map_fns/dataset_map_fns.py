@@ -22,7 +22,7 @@ from lmtune.dataset.map_fns.conversation_map_fns import (
     wizardlm_map_fn,
 )
 from lmtune.dataset.map_fns.msagent_map_fn import msagent_react_map_fn
-from lmtune.utils.templates import SYSTEM_TEMPLATE
+from lmtune.dataset.templates import SYSTEM_TEMPLATE
 
 __all__ = [
     "alpaca_map_fn", "alpaca_zh_map_fn", "arxiv_map_fn", "code_alpaca_map_fn", "colors_map_fn",

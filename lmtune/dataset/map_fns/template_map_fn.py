@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import partial
 
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, uses_chat_template
-from lmtune.utils.templates import get_template
+from lmtune.dataset.templates import get_template
 
 
 def _has_field(fmt: str, name: str) -> bool:

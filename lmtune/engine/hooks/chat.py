@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from lmtune.config.build import build
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.dist import is_main_process
 from lmtune.dataset.chat_template import (
     chat_prompt_text,
     chat_template_end_ids,
@@ -18,10 +20,8 @@ from lmtune.dataset.chat_template import (
 )
 from lmtune.dataset.encode import encode_prompt
 from lmtune.dataset.map_fns.template_map_fn import template_map_fn
-from lmtune.engine.dist import is_main_process
+from lmtune.dataset.templates import get_template
 from lmtune.engine.hooks.hook import Hook
-from lmtune.utils.constants import IGNORE_INDEX
-from lmtune.utils.templates import get_template
 
 
 class DatasetInfoHook(Hook):

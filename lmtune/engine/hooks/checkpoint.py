@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from lmtune.core.dist import is_main_process
 from lmtune.engine import checkpoint as ckpt
-from lmtune.engine.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmtune.engine.dist import is_main_process
+from lmtune.core.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmtune.engine.dist import is_main_process
+from lmtune.core.dist import is_main_process
 from lmtune.engine.hooks.hook import Hook
 
 # throughput figures another hook may put in the message hub (or the loop in its outputs): logged when present

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from lmtune.engine.dist import all_reduce_sum, get_world_size
+from lmtune.core.dist import all_reduce_sum, get_world_size
 from lmtune.engine.flops import FlopCounter, count_targets, sample_lengths
 from lmtune.engine.hooks.hook import Hook
 
@@ -118,7 +118,7 @@ class ThroughputHook(Hook):
                  is_causal: bool | None = None) -> None:
         if peak_tflops is not None and (isinstance(peak_tflops, bool) or not isinstance(peak_tflops, (int, float))
                                         or peak_tflops <= 0):
-            from lmtune.config.errors import ConfigError
+            from lmtune.core.errors import ConfigError
 
             raise ConfigError(f"ThroughputHook: peak_tflops must be a positive number, got {peak_tflops!r}")
         self.use_activation_checkpointing = use_activation_checkpointing

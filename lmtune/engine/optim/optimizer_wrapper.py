@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lmtune.engine.device import default_device, training_dtype
+from lmtune.core.device import default_device, training_dtype
 
 
 class OptimWrapper:

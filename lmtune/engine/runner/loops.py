@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from lmtune.config.errors import ConfigError
-from lmtune.engine.dist import all_reduce_sum, get_world_size
+from lmtune.core.dist import all_reduce_sum, get_world_size
+from lmtune.core.errors import ConfigError
 from lmtune.model.loss import count_target_tokens
 
 

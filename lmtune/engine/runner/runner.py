@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.config.build import check_kwargs, resolve_callable
+from lmtune.core.device import default_device
+from lmtune.core.dist import all_reduce_sum, barrier, get_rank, get_world_size, is_distributed, is_main_process
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
 from lmtune.engine import checkpoint as ckpt
-from lmtune.engine.device import default_device
-from lmtune.engine.dist import all_reduce_sum, barrier, get_rank, get_world_size, is_distributed, is_main_process
 from lmtune.engine.hooks import (
     CheckpointHook,
     DistSamplerSeedHook,

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import DeepseekV2ForCausalLM as _DeepseekV2ForCausalLM
 
-from lmtune.engine.device import warn_once
+from lmtune.core.device import warn_once
 
 _XTUNER_ONLY = ("moe_implementation", "expert_in_one_shard")
 

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from torch.optim import AdamW
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from lmtune.dataset import DefaultSampler, process_hf_dataset
+from lmtune.dataset import PROMPT_TEMPLATE, DefaultSampler, process_hf_dataset
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.map_fns import oasst1_map_fn, template_map_fn_factory
 from lmtune.engine.hooks import (
@@ -30,7 +30,6 @@ from lmtune.engine.hooks import (
 from lmtune.engine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from lmtune.engine.runner import TrainLoop
 from lmtune.model import SupervisedFinetune
-from lmtune.utils import PROMPT_TEMPLATE
 
 # PART 1  Settings
 pretrained_model_name_or_path = "google/gemma-3-1b-it"

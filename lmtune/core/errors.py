@@ -6,12 +6,15 @@ import difflib
 from collections.abc import Iterable
 
 
-class ConfigError(Exception):
+class UserError(Exception):
     """A mistake in the user's config, command line or data that the user can fix.
 
     The CLI prints only the message (no traceback, unless ``--debug``) and exits
     with status 2.
     """
+
+
+ConfigError = UserError  # the name most of lmtune raises it by (configs are where most such mistakes are)
 
 
 def nearest(name: str, candidates: Iterable[str]) -> str:
