@@ -16,13 +16,23 @@ from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
 
 
+def tokenizer_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before every encoding: its BOS token, a longer prefix (ChatGLM's
+    ``[gMASK] sop``, which XTuner writes too), or nothing."""
+    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(ids) - len(bare) + 1):
+        if ids[start:start + len(bare)] == bare:
+            return ids[:start]
+    # the text itself encodes differently with the special tokens (a prefix space...): BOS, if it leads
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and ids[:1] == [bos] else []
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """True when the tokenizer itself starts every encoding with its BOS token."""
     bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    return bos is not None and tokenizer_prefix(tokenizer)[:1] == [bos]
 
 
 class ConversationEncoder:
@@ -32,7 +42,7 @@ class ConversationEncoder:
     def __init__(self, tokenizer, max_length: int | None) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
+        self.bos = tokenizer_prefix(tokenizer)  # BOS, or a longer prefix (ChatGLM's [gMASK] sop)
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self._cache: dict[str, tuple[int, ...]] = {}
         self._chat_encoder: ChatTemplateEncoder | None = None
@@ -83,8 +93,8 @@ class ConversationEncoder:
             input_ids += answer
             trained = turn.get("output_with_loss") is not False
             labels += answer if trained else [IGNORE_INDEX] * len(answer)
-        if self.bos and input_ids[:1] != self.bos:  # a template that writes the BOS text itself gets no second one
-            input_ids, labels = self.bos + input_ids, [IGNORE_INDEX] + labels
+        if self.bos and input_ids[:len(self.bos)] != self.bos:  # a template that writes it itself gets no second one
+            input_ids, labels = self.bos + input_ids, [IGNORE_INDEX] * len(self.bos) + labels
         return truncate({"input_ids": input_ids, "labels": labels, "length": len(input_ids)}, self.max_length)
 
 
@@ -97,8 +107,9 @@ def truncate(row: dict, max_length: int | None) -> dict:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a generation prompt, with BOS exactly as in training."""
+    """Token ids of a generation prompt, with BOS (or the tokenizer's longer prefix) exactly as in training."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if tokenizer_adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
+    prefix = tokenizer_prefix(tokenizer)
+    if prefix and ids[:len(prefix)] != prefix:
+        ids = prefix + ids
     return ids

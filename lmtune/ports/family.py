@@ -44,11 +44,21 @@ FAMILIES: tuple[Family, ...] = (
     Family("baichuan", "Baichuan / Baichuan2", "baichuan",
            "transformers' Llama blocks; W_pack split into q/k/v; Baichuan2's normalised head; ALiBi for 13B",
            ("BaichuanTokenizer",), ("baichuan-inc/Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-13B-Chat")),
+    Family("chatglm", "ChatGLM2 / ChatGLM3", "chatglm",
+           "transformers' GlmForCausalLM; query_key_value split into q/k/v on load and fused again on save",
+           ("ChatGLMTokenizer",), ("THUDM/chatglm3-6b", "THUDM/chatglm3-6b-32k", "THUDM/chatglm2-6b")),
+    Family("qwen", "Qwen (1.0)", "qwen",
+           "transformers' Qwen2ForCausalLM; c_attn split into q/k/v, w2/w1 as gate/up; Qwen's NTK, log-n attention",
+           ("QWenTokenizer",), ("Qwen/Qwen-7B-Chat",)),
     Family("minicpm", "MiniCPM", "minicpm",
            "transformers' GraniteForCausalLM (MiniCPM's embedding and residual scaling; a head that divides its input)",
            (), ("openbmb/MiniCPM-2B-sft-bf16",)),
     Family("minicpm3", "MiniCPM3", "minicpm", "transformers' MiniCPM3ForCausalLM (the hub's weight names)",
-           ("MiniCPMTokenizer",), ("openbmb/MiniCPM3-4B",)),)
+           ("MiniCPMTokenizer",), ("openbmb/MiniCPM3-4B",)),
+    Family("deepseek", "DeepSeek-MoE", "deepseek",
+           "transformers' Llama blocks; DeepSeek-MoE's router and balance loss around DeepSeek-V2's fused experts",
+           (), ("deepseek-ai/deepseek-moe-16b-chat",)),
+)
 
 BY_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}
 
