@@ -109,12 +109,21 @@ HUB_CODE = {"qwen", "deepseek", "internlm", "internlm2", "internlm3", "chatglm",
 PORT_FIXTURES = REPO / "tests" / "fixtures" / "ports"
 
 
-def ported_fixture(arch: str) -> Path | None:
-    """A tiny checkpoint of ``arch`` in its hub layout (tests/fixtures/ports, made from the original code)."""
-    for fixture in sorted(PORT_FIXTURES.glob("*/config.json")):
-        if json.loads(fixture.read_text()).get("model_type") == arch:
-            return fixture.parent
-    return None
+# the port fixture a hub-code architecture's configs run on (by hub id where the variants differ)
+PORT_FIXTURE = {"internlm2": "internlm2", "internlm3": "internlm3", "internlm": "internlm", "chatglm": "chatglm3",
+                "qwen": "qwen", "deepseek": "deepseek_moe", "minicpm": "minicpm", "minicpm3": "minicpm3"}
+
+
+def ported_fixture(arch: str, hub_id: str | None = None) -> str | None:
+    """The fixture (tests/fixtures/ports, made from the original code) whose tiny hub-layout checkpoint runs
+    ``arch``'s configs, or None when lmtune has no port of ``arch``."""
+    if arch == "baichuan":
+        hub = (hub_id or "").lower()
+        name = ("baichuan2_13b" if "13b" in hub else "baichuan2_7b") if "baichuan2" in hub or "13b" in hub \
+            else "baichuan_7b"
+    else:
+        name = PORT_FIXTURE.get(arch)
+    return name if name and (PORT_FIXTURES / name / "reference.safetensors").is_file() else None
 
 
 REMOTE = {arch for arch in HUB_CODE if ported_fixture(arch) is None}
@@ -289,25 +298,31 @@ def _extra_arch_config(arch: str, vocab_size: int, bos_id: int | None, eos_id: i
     raise KeyError(f"no tiny model recipe for {arch}")
 
 
-def tiny_model(models_dir: Path, arch: str, style: str) -> Path:
-    """A tiny ``arch`` model with a ``style`` tokenizer, made on first use and kept in ``models_dir``."""
+def tiny_model(models_dir: Path, arch: str, style: str, fixture: str | None = None) -> Path:
+    """A tiny ``arch`` model with a ``style`` tokenizer, made on first use and kept in ``models_dir``; for a
+    ported hub-code architecture, the hub-layout repository of its port ``fixture`` (the tests' builder, whose
+    tokenizer is in the family's style)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    if fixture is not None:
+        root = models_dir / f"port-{fixture}"
+        done = root / "path.txt"
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            from hub_models import hub_dir_for
+
+            built = hub_dir_for(root, fixture)
+            done.write_text(str(built))
+        return Path(done.read_text())
     target = models_dir / f"{arch}-{style}"
     if (target / "config.json").is_file():
         return target
-    sys.path.insert(0, str(REPO / "tests"))
     import tiny_archs
 
     for name, extra in EXTRA_STYLES.items():  # styles tiny_archs does not know, used by name below
         tiny_archs.TOKENIZER_STYLES.setdefault(name, extra)
     partial = models_dir / f".{arch}-{style}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    fixture = ported_fixture(arch) if arch in HUB_CODE else None
-    if fixture is not None:  # the hub layout, weights under the hub's names; the tokenizer as below
-        partial.mkdir(parents=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(fixture / name, partial / name)
-        tiny_archs.make_tokenizer(style, corpus()).save_pretrained(partial)
-    elif arch in tiny_archs.NATIVE_ARCHS:
+    if arch in tiny_archs.NATIVE_ARCHS:
         tiny_archs.make_tiny_model(partial, arch, style, corpus())
     else:
         import torch
@@ -541,7 +556,7 @@ def run_one(job: dict) -> dict:
     start = time.perf_counter()
     stage = "tiny model"
     try:
-        model_dir = tiny_model(Path(job["models_dir"]), job["arch"], job["style"])
+        model_dir = tiny_model(Path(job["models_dir"]), job["arch"], job["style"], job.get("fixture"))
         stage = "load"
         cfg = Config.fromfile(job["path"])
         shrink(cfg, str(model_dir), job["data"], job["quantize"], job.get("relaxed", False))
@@ -653,6 +668,7 @@ def run_all(entries: list[dict], root: Path, args, work: Path) -> None:
         stem = entry["config"].replace("/", "__").removesuffix(".py")
         job = {"path": str(root / entry["config"]), "arch": entry["arch"],
                "style": tokenizer_style(entry.get("hub_id"), entry["arch"]), "quantize": quantize,
+               "fixture": ported_fixture(entry["arch"], entry.get("hub_id")) if entry["arch"] in HUB_CODE else None,
                "models_dir": str(models_dir), "data": data, "work_dir": str(work / "run" / stem),
                "log": str(logs / f"{stem}.log"), "threads": args.threads}
         outcome = run_in_child(ctx, job, args.timeout, work)

@@ -184,3 +184,22 @@ def internlm_dir(root: Path, fixture: str = "internlm") -> Path:
     config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items() if int(k) < 3}
     (target / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return target
+
+
+def hub_dir_for(root: Path, fixture: str) -> Path:
+    """The hub-layout repository of any port fixture, with a tokenizer in its family's style (the families'
+    builders live here and in tests/hub_models_<family>.py)."""
+    import hub_models_chatglm
+    import hub_models_deepseek
+    import hub_models_minicpm
+    import hub_models_qwen
+
+    builders = [("internlm2", internlm2_dir), ("internlm3", lambda r, f: internlm3_dir(r)), ("internlm", internlm_dir),
+                ("baichuan", baichuan_dir), ("chatglm", hub_models_chatglm.chatglm_dir),
+                ("deepseek", hub_models_deepseek.deepseek_dir), ("minicpm3", hub_models_minicpm.minicpm3_dir),
+                ("minicpm", hub_models_minicpm.minicpm_dir),
+                ("qwen", lambda r, f: hub_models_qwen.qwen_dir(r, f, rows=hub_models_qwen.QWEN_7B_VOCAB))]
+    for prefix, build in builders:
+        if fixture.startswith(prefix):
+            return build(Path(root), fixture)
+    raise KeyError(f"no hub-dir builder for fixture {fixture!r}")

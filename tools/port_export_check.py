@@ -70,21 +70,12 @@ def _specs() -> dict:
 def _hub_dir(root: Path, fixture: str) -> Path:
     """The tiny hub-layout repository of ``fixture`` with a tokenizer in its family's style (tests/hub_models.py)."""
     sys.path.insert(0, str(REPO / "tests"))
-    import hub_models
-    import hub_models_chatglm
-    import hub_models_deepseek
-    import hub_models_minicpm
-    import hub_models_qwen
+    from hub_models import hub_dir_for
 
-    builders = {"internlm2": hub_models.internlm2_dir, "internlm3": hub_models.internlm3_dir,
-                "baichuan": hub_models.baichuan_dir, "internlm": hub_models.internlm_dir,
-                "chatglm": hub_models_chatglm.chatglm_dir, "deepseek": hub_models_deepseek.deepseek_dir,
-                "minicpm3": hub_models_minicpm.minicpm3_dir, "minicpm": hub_models_minicpm.minicpm_dir,
-                "qwen": lambda root, name: hub_models_qwen.qwen_dir(root, name, rows=hub_models_qwen.QWEN_7B_VOCAB)}
-    family = next((b for prefix, b in builders.items() if fixture.startswith(prefix)), None)
-    if family is None:
-        sys.exit(f"no hub-dir builder for fixture {fixture!r} (known: {', '.join(builders)})")
-    return family(root, fixture)
+    try:
+        return hub_dir_for(root, fixture)
+    except KeyError as exc:
+        sys.exit(str(exc))
 
 
 def make(out: Path, fixture: str, code_dir: Path | None) -> None:
