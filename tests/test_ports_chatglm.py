@@ -13,7 +13,6 @@ fixtures chatglm3, chatglm3_rope_ratio and chatglm2_mha) do not cover.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -155,38 +154,11 @@ LIBRARY_RUNS = [f"chatglm3_6b_{kind}_{data}_e3" for kind in ("full", "lora", "ql
 
 @pytest.mark.parametrize("name", LIBRARY_RUNS)
 def test_library_chatglm3_configs_train_packed_without_remote_code(name, tmp_path):
-    from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
+    from hub_models import train_library_config
 
-    from lmtune.cli import resolve_config
-    from lmtune.config import Config
-    from lmtune.engine.runner import Runner
-
-    hub = chatglm_dir(tmp_path)
-    data = tmp_path / "data"
-    write_jsonl(data / "alpaca.jsonl", alpaca_rows() * 3)
-    write_jsonl(data / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 3)
-    chats = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}] * 8
-    write_jsonl(data / "chats.jsonl", chats)
-    options = {"pretrained_model_name_or_path": str(hub), "max_length": 160, "max_epochs": 1, "accumulative_counts": 1,
-               "save_steps": 1000, "evaluation_inputs": ["Hi."], "max_new_tokens": 2,
-               "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"}
-    if "alpaca" in name:
-        options.update(data_path="json", **{"train_dataset.dataset.data_files": str(data / "alpaca.jsonl")})
-    elif "oasst1" in name:
-        options["data_path"] = str(data / "oasst1")
-    else:
-        options["data_files"] = str(data / "chats.jsonl")
-    if "qlora" in name:
-        options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
-    cfg = Config.fromfile(resolve_config(name), options)
-    assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
-    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    runner = train_library_config(name, chatglm_dir(tmp_path), tmp_path, max_length=160)
     base = runner.unwrapped_model._base_model()
     assert type(base).__name__ == "ChatGLMNativeForCausalLM" and type(base).__module__ == "lmtune.ports.chatglm"
-    assert "num_tokens" in runner.train_dataloader.dataset.column_names  # packed
-    runner.train()
-    losses = [json.loads(line)["loss"] for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
-    assert losses and all(math.isfinite(x) for x in losses)
 
 
 def test_training_rows_and_prompts_start_with_chatglms_prefix_as_the_hub_tokenizer_and_xtuner_write_it(tmp_path):

@@ -160,37 +160,10 @@ LIBRARY_RUNS = [("minicpm_2b_sft_qlora_alpaca_e3", "minicpm"), ("minicpm_2b_sft_
 
 @pytest.mark.parametrize("name,fixture", LIBRARY_RUNS)
 def test_library_minicpm_configs_train_packed_without_remote_code(name, fixture, tmp_path):
-    from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
-
-    from lmtune.cli import resolve_config
-    from lmtune.config import Config
-    from lmtune.engine.runner import Runner
+    from hub_models import train_library_config
 
     hub = minicpm_dir(tmp_path) if fixture == "minicpm" else minicpm3_dir(tmp_path)
-    data = tmp_path / "data"
-    write_jsonl(data / "alpaca.jsonl", alpaca_rows() * 3)
-    write_jsonl(data / "oasst1" / "train.jsonl", [{"text": t} for t in OASST1_ROWS] * 3)
-    chats = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}] * 8
-    write_jsonl(data / "chats.jsonl", chats)
-    options = {"pretrained_model_name_or_path": str(hub), "max_length": 96, "max_epochs": 1, "accumulative_counts": 1,
-               "save_steps": 1000, "evaluation_inputs": ["Hi."], "max_new_tokens": 2,
-               "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"}
-    if "alpaca" in name:
-        options.update(data_path="json", **{"train_dataset.dataset.data_files": str(data / "alpaca.jsonl")})
-    elif "oasst1" in name:
-        options["data_path"] = str(data / "oasst1")
-    else:
-        options["data_files"] = str(data / "chats.jsonl")
-    if "qlora" in name:
-        options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
-    cfg = Config.fromfile(resolve_config(name), options)
-    assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
-    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
-    base = runner.unwrapped_model._base_model()
-    assert type(base).__module__ == "lmtune.ports.minicpm"
-    assert "num_tokens" in runner.train_dataloader.dataset.column_names  # packed
-    runner.train()
-    losses = [json.loads(line)["loss"] for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
-    assert losses and all(math.isfinite(x) for x in losses)
+    runner = train_library_config(name, hub, tmp_path)
+    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.minicpm"
     for file in ("modeling_minicpm.py", "configuration_minicpm.py"):  # the hub's code was never run
         assert (hub / file).read_text() == STAND_IN_CODE

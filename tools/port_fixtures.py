@@ -43,7 +43,10 @@ ROWS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64, 11, 200, 31, 8],
 def load_specs() -> dict:
     """Every family's fixtures: ``tools/port_refs/<module>.py`` each define ``SPECS`` (see internlm.py)."""
     specs: dict = {}
-    for file in sorted((Path(__file__).parent / "port_refs").glob("*.py")):
+    folder = Path(__file__).parent / "port_refs"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # the specs share its _cache module
+    for file in sorted(folder.glob("*.py")):
         if file.name.startswith("_"):
             continue
         spec = importlib.util.spec_from_file_location(f"port_refs_{file.stem}", file)

