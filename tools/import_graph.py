@@ -58,7 +58,9 @@ def imports_of(name: str, file: Path, known: set[str]) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            subs = [f"{base}.{alias.name}" for alias in node.names]
+            # `from pkg import submodule` is an arrow to the submodule; `from pkg import name`, to pkg
+            names = subs + ([base] if any(sub not in known for sub in subs) else [])
         for dotted in names:
             if not dotted.startswith("lmtune"):
                 continue
