@@ -23,7 +23,7 @@ transformers' ``Trainer`` rather than configs of XTuner's engine; they are count
   only a GPU, flash-attn or sequence parallelism stands in the way of.
 
   Architectures whose hub repositories ship their own code (InternLM, ChatGLM, Baichuan, MiniCPM,
-  Qwen v1, DeepSeek-MoE) run through lmtune's ports (``lmtune.ports``) on a tiny checkpoint in the
+  Qwen v1, DeepSeek-MoE) run through lmtune's ports (``lmtune.model.ports``) on a tiny checkpoint in the
   hub's own layout (``tests/fixtures/ports``, made with the original code); one without a port or a
   fixture is "load only". The architecture is read from the config's
   ``pretrained_model_name_or_path`` (the folder name when that is a placeholder path).
@@ -104,7 +104,7 @@ ARCH_RULES = [
 NATIVE = {"llama", "qwen2", "qwen2_moe", "mistral", "mixtral", "gemma", "phi3", "gpt_bigcode", "starcoder2",
           "cohere", "deepseek_v2"}
 # Architectures whose hub repositories ship their own (transformers 4) code. Those lmtune ports
-# (lmtune.ports) run through the port, on a tiny hub-layout checkpoint; the others are load only.
+# (lmtune.model.ports) run through the port, on a tiny hub-layout checkpoint; the others are load only.
 HUB_CODE = {"qwen", "deepseek", "internlm", "internlm2", "internlm3", "chatglm", "baichuan", "minicpm", "minicpm3"}
 PORT_FIXTURES = REPO / "tests" / "fixtures" / "ports"
 

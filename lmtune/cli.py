@@ -5,30 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import lmtune
-from lmtune.core.errors import ConfigError, nearest
-
-CONFIG_ROOT = Path(__file__).parent / "configs"
-
-
-def builtin_configs() -> dict[str, Path]:
-    """Built-in config name -> file."""
-    return {p.stem: p for p in sorted(CONFIG_ROOT.rglob("*.py")) if not p.name.startswith("_")}
-
-
-def resolve_config(name: str) -> Path:
-    """A config path, or the name of a built-in config."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = builtin_configs()
-    if name in builtin:
-        return builtin[name]
-    if path.suffix == ".py" or os.sep in name:
-        raise ConfigError(f"config file not found: {name}")
-    raise ConfigError(f"{name!r} is neither a config file nor a built-in config{nearest(name, builtin)}")
+from lmtune.configs import CONFIG_ROOT, builtin_configs, resolve_config  # noqa: F401  (the index)
+from lmtune.core.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace, fetch_model: bool = True):
     """The config of ``args``; ``fetch_model`` runs its ``model_resource`` download (training leaves that to
     the Runner, where rank 0 downloads and the other ranks wait)."""
+    import lmtune.model.ports  # noqa: F401  (hub-code families build through their ports)
     from lmtune.config import Config, parse_overrides
 
     cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))

@@ -123,8 +123,8 @@ def train_library_config(name: str, hub: Path, tmp_path: Path, **overrides):
     import torch
     from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
 
-    from lmtune.cli import resolve_config
     from lmtune.config import Config
+    from lmtune.configs import resolve_config
     from lmtune.engine.runner import Runner
 
     data = tmp_path / "data"

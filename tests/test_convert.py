@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 import lmtune
 from lmtune.config import Config, ConfigError
 from lmtune.engine import checkpoint as ckpt
+from lmtune.engine import export as convert
 from lmtune.engine.runner import Runner
-from lmtune.tools import convert
+from lmtune.tools import convert as convert_cli
 
 SEED_CFG = Path(lmtune.__file__).parent / "configs" / "internlm" / "internlm2_chat_7b_qlora_oasst1_e3.py"
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
@@ -65,7 +66,7 @@ def _logits(model) -> torch.Tensor:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune")
-    convert.add_parser(parser.add_subparsers(dest="command"))
+    convert_cli.add_parser(parser.add_subparsers(dest="command"))
     return parser
 
 

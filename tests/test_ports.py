@@ -1,4 +1,4 @@
-"""Hub-code families on transformers 5 (lmtune.ports), exact against their original code.
+"""Hub-code families on transformers 5 (lmtune.model.ports), exact against their original code.
 
 The fixtures (tests/fixtures/ports/<name>) hold tiny random checkpoints in each hub layout and what
 the family's ORIGINAL modeling code computed on them under transformers 4.48 (tools/port_fixtures.py):
@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.core_model_loading import revert_weight_conversion
 
-from lmtune import ports
 from lmtune.config.build import build
+from lmtune.model import ports
 
 PORTED = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.safetensors").is_file())
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -38,7 +38,7 @@ def _load(path, **kwargs):
 @pytest.mark.parametrize("trust_remote_code", [True, False])
 def test_port_loads_the_hub_checkpoint_without_its_code_and_gives_the_original_logits(name, trust_remote_code):
     model = _load(FIXTURES / name, trust_remote_code=trust_remote_code)
-    assert type(model).__module__.startswith("lmtune.ports.")
+    assert type(model).__module__.startswith("lmtune.model.ports.")
     ref = _reference(name)
     model.eval()
     with torch.no_grad():
@@ -279,7 +279,7 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_a_full_run_exports_in_the_hub_layout_with_the_trained_logits(tmp_path):
-    from lmtune.tools import convert
+    from lmtune.engine import export as convert
 
     runner, hub_dir, latest = _trained(tmp_path, full=True)
     out = convert.pth_to_hf(None, latest, tmp_path / "hf")
@@ -299,7 +299,7 @@ def test_a_full_run_exports_in_the_hub_layout_with_the_trained_logits(tmp_path):
 def test_a_lora_run_exports_an_adapter_for_the_port_and_merges_in_the_hub_layout(tmp_path):
     from peft import PeftModel
 
-    from lmtune.tools import convert
+    from lmtune.engine import export as convert
     from lmtune.tools.chat import load_for_chat
 
     runner, hub_dir, latest = _trained(tmp_path, full=False)
@@ -330,4 +330,4 @@ def test_library_configs_of_ported_families_train_packed_without_remote_code(nam
 
     hub = internlm2_dir(tmp_path) if fixture == "internlm2" else internlm3_dir(tmp_path)
     runner = train_library_config(name, hub, tmp_path)
-    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.internlm"
+    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.model.ports.internlm"

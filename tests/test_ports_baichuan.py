@@ -1,4 +1,4 @@
-"""Baichuan / Baichuan2 through lmtune.ports.baichuan: what the generic tests (test_ports.py) do not cover.
+"""Baichuan / Baichuan2 through lmtune.model.ports.baichuan: what the generic tests (test_ports.py) do not cover.
 
 The generic tests compare logits, loss, gradients and LoRA gradients of the three Baichuan fixtures
 (Baichuan-7B, Baichuan2-7B with its normalised head, Baichuan2-13B with ALiBi) with the original code.
@@ -16,10 +16,10 @@ from hub_models import BAICHUAN_RESERVED, FIXTURES, baichuan_dir, sentencepiece_
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtune import ports
 from lmtune.config.build import build
+from lmtune.model import ports
+from lmtune.model.ports.baichuan import NormHead, alibi_slopes
 from lmtune.model.sft import SupervisedFinetune
-from lmtune.ports.baichuan import NormHead, alibi_slopes
 
 TEXTS = ["What is the capital of France?", "<reserved_106>Say hello.<reserved_107>Hello!</s>",
          "请给我介绍五个上海的景点 42 and 3.14", "  two  spaces,\ttab\n\nnewlines", "a</s>b<s> c<unk>",
@@ -98,4 +98,4 @@ LIBRARY_RUNS = [("baichuan2_7b_chat_qlora_alpaca_e3", "baichuan2_7b"), ("baichua
 @pytest.mark.parametrize("name,fixture", LIBRARY_RUNS)
 def test_library_baichuan2_configs_train_packed_without_remote_code(name, fixture, tmp_path):
     runner = train_library_config(name, baichuan_dir(tmp_path, fixture), tmp_path)
-    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.baichuan"
+    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.model.ports.baichuan"

@@ -1,4 +1,4 @@
-"""ChatGLM2 / ChatGLM3 (lmtune.ports.chatglm): what the generic port tests (tests/test_ports.py, over the
+"""ChatGLM2 / ChatGLM3 (lmtune.model.ports.chatglm): what the generic port tests (tests/test_ports.py, over the
 fixtures chatglm3, chatglm3_rope_ratio and chatglm2_mha) do not cover.
 
 - the tokenizer gives the ids the ORIGINAL ChatGLM3 and ChatGLM2 tokenizers gave (recorded by
@@ -22,9 +22,9 @@ from hub_models_chatglm import CHATGLM3_TOKENIZER_CODE, TOKENIZER_FIXTURE, chatg
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtune import ports
 from lmtune.config import ConfigError
 from lmtune.config.build import build
+from lmtune.model import ports
 
 REFERENCE = json.loads((TOKENIZER_FIXTURE / "reference.json").read_text(encoding="utf-8"))
 
@@ -104,7 +104,7 @@ def _hub(**changes) -> dict:
     ({"_name_or_path": "THUDM/chatglm2-6b-32k", "rope_ratio": 16}, "divides the positions"),
     ({"num_layers": None, "padded_vocab_size": None}, None)])
 def test_variants_the_port_does_not_cover_stop_in_one_sentence(changes, message):
-    from lmtune.ports import chatglm
+    from lmtune.model.ports import chatglm
 
     hub = {k: v for k, v in _hub(**changes).items() if v is not None}
     with pytest.raises(ConfigError) as err:
@@ -113,7 +113,7 @@ def test_variants_the_port_does_not_cover_stop_in_one_sentence(changes, message)
 
 
 def test_chatglm3_32k_rope_ratio_multiplies_the_rotary_base_and_vocab_follows_the_hub_key():
-    from lmtune.ports import chatglm
+    from lmtune.model.ports import chatglm
 
     config = chatglm.native_config(_hub(rope_ratio=50, seq_length=32768))
     assert config.rope_parameters["rope_theta"] == 500000.0 and config.rope_parameters["partial_rotary_factor"] == 0.5
@@ -158,7 +158,7 @@ def test_library_chatglm3_configs_train_packed_without_remote_code(name, tmp_pat
 
     runner = train_library_config(name, chatglm_dir(tmp_path), tmp_path, max_length=160)
     base = runner.unwrapped_model._base_model()
-    assert type(base).__name__ == "ChatGLMNativeForCausalLM" and type(base).__module__ == "lmtune.ports.chatglm"
+    assert type(base).__name__ == "ChatGLMNativeForCausalLM" and type(base).__module__ == "lmtune.model.ports.chatglm"
 
 
 def test_training_rows_and_prompts_start_with_chatglms_prefix_as_the_hub_tokenizer_and_xtuner_write_it(tmp_path):

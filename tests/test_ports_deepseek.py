@@ -25,12 +25,12 @@ from hub_models import FIXTURES
 from hub_models_deepseek import BOS, EOS, deepseek_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtune import ports
 from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
 from lmtune.dataset.encode import ConversationEncoder
 from lmtune.dataset.map_fns import template_map_fn_factory
+from lmtune.model import ports
 
 TEXTS = ["What is the capital of France?", "请给我介绍五个上海的景点 42 and 3.14", "  two  spaces,\ttab\n\nnewlines  ",
          f"a{EOS}b{BOS} c", "emoji 🙂 and ẞ unseen characters", "User: Hi\n\nAssistant: Hello!", ""]
@@ -189,7 +189,7 @@ def test_every_experts_implementation_gives_the_original_logits_and_gradients(ex
 
 
 def test_eval_mode_and_zero_alpha_leave_no_balance_term():
-    from lmtune.ports.deepseek import DeepseekMoeRouter
+    from lmtune.model.ports.deepseek import DeepseekMoeRouter
 
     model = _model("deepseek_moe")
     router = next(m for m in model.modules() if isinstance(m, DeepseekMoeRouter))
@@ -205,7 +205,7 @@ def test_eval_mode_and_zero_alpha_leave_no_balance_term():
 # ------------------------------------------------------------------ structure, LoRA, configs
 
 def test_layers_follow_first_k_dense_replace_and_moe_layer_freq():
-    from lmtune.ports.deepseek import DeepseekMoeBlock
+    from lmtune.model.ports.deepseek import DeepseekMoeBlock
 
     kinds = lambda m: [type(layer.mlp).__name__ for layer in m.model.layers]  # noqa: E731
     assert kinds(_model("deepseek_moe")) == ["LlamaMLP", "DeepseekMoeBlock"]
@@ -217,7 +217,7 @@ def test_layers_follow_first_k_dense_replace_and_moe_layer_freq():
 
 
 def test_a_model_made_from_its_config_initialises_the_router_and_experts():
-    from lmtune.ports.deepseek import DeepseekMoeNativeForCausalLM, native_config
+    from lmtune.model.ports.deepseek import DeepseekMoeNativeForCausalLM, native_config
 
     hub = json.loads((FIXTURES / "deepseek_moe" / "config.json").read_text())
     torch.manual_seed(0)
@@ -254,7 +254,7 @@ def test_lora_targets_reach_the_linear_layers_and_fused_experts_take_target_para
 
 
 def test_native_config_keeps_the_hub_defaults_and_refuses_what_it_cannot_run():
-    from lmtune.ports.deepseek import native_config
+    from lmtune.model.ports.deepseek import native_config
 
     hub = json.loads((FIXTURES / "deepseek_moe" / "config.json").read_text())
     config = native_config({k: v for k, v in hub.items() if k not in ("norm_topk_prob", "seq_aux", "aux_loss_alpha")})

@@ -1,4 +1,4 @@
-"""MiniCPM and MiniCPM3 ports (lmtune.ports.minicpm): what tests/test_ports.py does not check for every port.
+"""MiniCPM and MiniCPM3 ports (lmtune.model.ports.minicpm): what tests/test_ports.py does not check for every port.
 
 tests/test_ports.py compares the fixtures ``minicpm``, ``minicpm_untied_dynamic``, ``minicpm_longrope``,
 ``minicpm3`` and ``minicpm3_longrope`` with the original code (logits, loss, gradients, LoRA, round trip,
@@ -20,10 +20,10 @@ from hub_models import FIXTURES, STAND_IN_CODE
 from hub_models_minicpm import MINICPM3_SPECIALS, MINICPM_MARKERS, minicpm3_dir, minicpm_dir
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lmtune import ports
 from lmtune.config import ConfigError
 from lmtune.config.build import build
-from lmtune.ports import minicpm
+from lmtune.model import ports
+from lmtune.model.ports import minicpm
 
 TEXTS = ["What is the capital of France?", "<用户>Say hello.<AI>Hello!", "请给我介绍五个上海的景点 42 and 3.14",
          "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHi<|im_end|>",
@@ -136,7 +136,8 @@ def test_uncovered_minicpm3_variants_stop_in_one_sentence(change, match):
 
 def test_ports_answer_auto_config_and_lora_names_unchanged(tmp_path):
     config = ports.from_pretrained(AutoConfig, str(FIXTURES / "minicpm3"), trust_remote_code=True)
-    assert type(config).__module__ == "lmtune.ports.minicpm" and config.hub_layout["config"]["model_type"] == "minicpm3"
+    assert type(config).__module__ == "lmtune.model.ports.minicpm"
+    assert config.hub_layout["config"]["model_type"] == "minicpm3"
     assert "lmtune port of MiniCPM3" in ports.implementation(FIXTURES / "minicpm3", trust_remote_code=True)
     model = ports.from_pretrained(AutoModelForCausalLM, str(FIXTURES / "minicpm"), dtype=torch.float32)
     assert ports.native_target_modules(model, ["q_proj", "o_proj", "gate_proj"]) == ["q_proj", "o_proj", "gate_proj"]
@@ -164,6 +165,6 @@ def test_library_minicpm_configs_train_packed_without_remote_code(name, fixture,
 
     hub = minicpm_dir(tmp_path) if fixture == "minicpm" else minicpm3_dir(tmp_path)
     runner = train_library_config(name, hub, tmp_path)
-    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.ports.minicpm"
+    assert type(runner.unwrapped_model._base_model()).__module__ == "lmtune.model.ports.minicpm"
     for file in ("modeling_minicpm.py", "configuration_minicpm.py"):  # the hub's code was never run
         assert (hub / file).read_text() == STAND_IN_CODE

@@ -1,4 +1,4 @@
-"""Qwen (1.0) through lmtune's port (lmtune.ports.qwen): what the generic port tests do not cover.
+"""Qwen (1.0) through lmtune's port (lmtune.model.ports.qwen): what the generic port tests do not cover.
 
 The generic tests (tests/test_ports.py) compare the fixtures ``qwen`` and ``qwen_ntk_logn`` with the
 original modeling_qwen.py (tools/port_refs/qwen.py). Here: the long-context switches (dynamic NTK,
@@ -26,9 +26,9 @@ from hub_models_qwen import QWEN_7B_VOCAB, qwen_vocab
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lmtune import ports
 from lmtune.config import ConfigError
 from lmtune.config.build import build
+from lmtune.model import ports
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # the original tokenizer's rules (tokenization_qwen.py), written out here on their own
@@ -72,7 +72,7 @@ def test_hub_config_keys_become_qwen2s():
 @pytest.mark.parametrize("change,match", [({"kv_channels": 8}, "kv_channels"), ({"rotary_pct": 0.5}, "rotary_pct"),
                                           ({"no_bias": False}, "no_bias")])
 def test_variants_the_port_does_not_cover_stop_in_one_sentence(change, match):
-    from lmtune.ports import qwen
+    from lmtune.model.ports import qwen
 
     hub = {**json.loads((FIXTURES / "qwen" / "config.json").read_text()), **change}
     with pytest.raises(ConfigError, match=match):
@@ -80,7 +80,7 @@ def test_variants_the_port_does_not_cover_stop_in_one_sentence(change, match):
 
 
 def test_ntk_factor_is_the_hub_codes():
-    from lmtune.ports.qwen import ntk_alpha
+    from lmtune.model.ports.qwen import ntk_alpha
 
     assert [ntk_alpha(n, 8) for n in (1, 7, 8)] == [1, 1, 1]  # identity up to seq_length
     assert [ntk_alpha(n, 8) for n in (9, 16, 17, 32, 33)] == [3, 3, 7, 7, 15]
@@ -403,7 +403,7 @@ def test_an_xtuner_qwen_chat_lora_config_trains_packed_without_remote_code(tmp_p
     assert cfg.model.llm.trust_remote_code is True and cfg.pack_to_max_length is True
     runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
     base = runner.unwrapped_model._base_model()
-    assert type(base).__name__ == "QwenNativeForCausalLM" and type(base).__module__ == "lmtune.ports.qwen"
+    assert type(base).__name__ == "QwenNativeForCausalLM" and type(base).__module__ == "lmtune.model.ports.qwen"
     dataset = runner.train_dataloader.dataset
     assert "num_tokens" in dataset.column_names  # packed
     row = dataset[0]

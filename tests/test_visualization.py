@@ -19,8 +19,8 @@ import pytest
 import lmtune
 from lmtune.config import Config, ConfigError
 from lmtune.engine.hooks import LoggerHook
-from lmtune.tools import plot
-from lmtune.visualization import (
+from lmtune.engine.logging import curves as plot
+from lmtune.engine.logging.visualization import (
     LocalVisBackend,
     MLflowVisBackend,
     Visualizer,
@@ -305,7 +305,7 @@ def test_mlflow_backend_defaults_to_mlruns_in_the_work_dir_and_only_rank0_writes
     (log_dir / "scalars.jsonl").write_text("{}\n")
     cfg = dict(type=Visualizer, vis_backends=[dict(type=MLflowVisBackend, exp_name="sft")])
 
-    import lmtune.visualization as visualization
+    import lmtune.engine.logging.visualization as visualization
 
     monkeypatch.setattr(visualization, "is_main_process", lambda: False)
     quiet = build_visualizer(cfg, log_dir, {"lr": 1e-3})
@@ -452,7 +452,9 @@ def test_parts_without_a_log_file_are_joined_by_their_iterations():
 
 def run_plot_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmtune")
-    plot.add_parser(parser.add_subparsers())
+    from lmtune.tools import plot as plot_cli
+
+    plot_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -54,7 +54,7 @@ _GEMMA_BF16 = ("bfloat16, because Gemma 2 and 3 overflow float16 (a GPU without 
                "with a warning).")
 
 MODELS: tuple[Model, ...] = (
-    # InternLM: hub code for transformers 4 (lmtune.ports runs InternLM2 / 2.5 and 3 natively)
+    # InternLM: hub code for transformers 4 (lmtune.model.ports runs InternLM2 / 2.5 and 3 natively)
     Model("internlm2_chat_1_8b", "InternLM2-Chat-1.8B", "internlm/internlm2-chat-1_8b", "internlm", "internlm2_chat",
           1.9, "internlm2", hub_code=True),
     Model("internlm2_chat_7b", "InternLM2-Chat-7B", "internlm/internlm2-chat-7b", "internlm", "internlm2_chat",
@@ -124,7 +124,7 @@ MODELS: tuple[Model, ...] = (
     # Yi: ChatML, Llama architecture
     Model("yi_6b_chat", "Yi-6B-Chat", "01-ai/Yi-6B-Chat", "yi", "chatml", 6.1, "llama"),
     Model("yi_34b_chat", "Yi-34B-Chat", "01-ai/Yi-34B-Chat", "yi", "chatml", 34.4, "llama"),
-    # ChatGLM3, Baichuan2, MiniCPM: hub code for transformers 4 (lmtune.ports runs them natively)
+    # ChatGLM3, Baichuan2, MiniCPM: hub code for transformers 4 (lmtune.model.ports runs them natively)
     Model("chatglm3_6b", "ChatGLM3-6B", "THUDM/chatglm3-6b", "chatglm", "chatglm3", 6.2, "chatglm",
           hub_code=True),
     Model("baichuan2_7b_chat", "Baichuan2-7B-Chat", "baichuan-inc/Baichuan2-7B-Chat", "baichuan", "baichuan2_chat",
@@ -366,8 +366,8 @@ def _part2(model: Model, method: str) -> str:
         text += f" {model.dtype_note}"
     if model.hub_code:
         text += (f" The Hub repository of {model.title} ships model code written for transformers 4; lmtune loads "
-                 "the checkpoint as it is into its own port of the architecture (lmtune.ports), so none of that code "
-                 "runs and no trust_remote_code is needed.")
+                 "the checkpoint as it is into its own port of the architecture (lmtune.model.ports), so none of "
+                 "that code runs and no trust_remote_code is needed.")
     if model.lora_targets and method != "full":
         text += " " + model.lora_targets_note
     out += comment(text)

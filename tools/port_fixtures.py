@@ -1,7 +1,7 @@
 """Reference outputs of hub-code models, computed by their original code under transformers 4.
 
 lmtune runs InternLM2, InternLM3 (and the other hub-code families) through its own ports on
-transformers 5 (``lmtune.ports``). This script makes the fixtures its tests compare those ports
+transformers 5 (``lmtune.model.ports``). This script makes the fixtures its tests compare those ports
 against: for each family, a tiny random checkpoint in the hub's own layout (``config.json`` with
 ``auto_map``, weights under the hub's names) and what the ORIGINAL modeling code computes on it:
 

@@ -17,6 +17,18 @@ from typing import Any
 
 from lmtune.core.errors import ConfigError, nearest
 
+# Stand-ins for what a config names: each route takes ``(fn, kwargs)`` and returns what to call instead,
+# or None. The model layer registers one when it is imported (``lmtune.model.ports``: transformers' own
+# implementation for a hub-code family's ``Auto*.from_pretrained``, so that no repository code runs). The
+# config layer knows no model: it only calls the routes it was given.
+CALL_ROUTES: list[Callable[[Callable, dict], Callable | None]] = []
+
+
+def route_calls(route: Callable[[Callable, dict], Callable | None]) -> None:
+    """Let ``route(fn, kwargs)`` replace the callable of every ``build`` (once per route)."""
+    if route not in CALL_ROUTES:
+        CALL_ROUTES.append(route)
+
 
 def is_type_dict(value: Any) -> bool:
     return isinstance(value, dict) and "type" in value
@@ -143,9 +155,7 @@ def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
             kwargs[name] = value
     check_kwargs(fn, kwargs, key)
     _check_local_path(fn, kwargs, key)
-    from lmtune.ports import native_callable  # hub-code families: transformers' implementation, no remote code
-
-    call = native_callable(fn, kwargs) or fn
+    call = next((c for c in (route(fn, kwargs) for route in CALL_ROUTES) if c is not None), fn)
     try:
         return call(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -22,8 +22,8 @@ from lmtune.model.loss import (
     shifted_targets,
 )
 from lmtune.model.packed_attention import SEGMENTS_KWARG, segment_bounds, use_packed_sdpa
+from lmtune.model.ports import native_target_modules
 from lmtune.model.quantization import check_4bit_backend
-from lmtune.ports import native_target_modules
 
 logger = logging.getLogger("lmtune")
 

@@ -23,7 +23,7 @@ def _matches(name: str, pattern: str | None) -> bool:
 
 
 def _configs() -> tuple[dict[str, Path], dict[str, Path]]:
-    from lmtune.cli import builtin_configs
+    from lmtune.configs import builtin_configs
     from lmtune.engine.deepspeed_config import builtin_deepspeed_configs
 
     return builtin_configs(), builtin_deepspeed_configs()
@@ -31,7 +31,7 @@ def _configs() -> tuple[dict[str, Path], dict[str, Path]]:
 
 def list_configs(out: TextIO, pattern: str | None = None) -> int:
     """Write the built-in configs (grouped by family) and DeepSpeed presets matching ``pattern``; how many."""
-    from lmtune.cli import CONFIG_ROOT
+    from lmtune.configs import CONFIG_ROOT
 
     configs, presets = _configs()
     groups: dict[str, list[str]] = {}

@@ -266,7 +266,7 @@ def load_for_chat(model: str, adapter: str | None = None, bits: int | None = Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmtune import ports
+    from lmtune.model import ports
 
     dtype = DTYPES.get(torch_dtype, torch_dtype)
     if dtype != "auto":

@@ -90,7 +90,7 @@ class ModelFacts:
     lora_dropout_features: int  # sum of in_features of the LoRA-adapted linears with dropout > 0
     attention_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)
-    implementation: str = ""  # which code runs the model (lmtune.ports.implementation)
+    implementation: str = ""  # which code runs the model (lmtune.model.ports.implementation)
     config_dtype: Any = None
 
     @property
@@ -225,8 +225,8 @@ def build_meta_model(cfg: Any, tokenizer: Any = None) -> ModelFacts:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmtune import ports
     from lmtune.config.model_resource import PATH_KEY
+    from lmtune.model import ports
 
     model_cfg = _model_cfg(cfg)
     llm = model_cfg.get("llm")
@@ -811,8 +811,8 @@ def run_check(cfg: Any, out: TextIO, nproc: int = 1, deepspeed: str | None = Non
 # ------------------------------------------------------------------ command line
 
 def _check_cmd(args: argparse.Namespace) -> int:
-    from lmtune.cli import resolve_config
     from lmtune.config import Config, parse_overrides
+    from lmtune.configs import resolve_config
 
     cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
     problems = run_check(cfg, sys.stdout, nproc=args.nproc, deepspeed=args.deepspeed, strategy=args.strategy,

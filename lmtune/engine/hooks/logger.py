@@ -315,7 +315,7 @@ class LoggerHook(Hook):
             self._plot(runner)
 
     def _plot(self, runner) -> None:
-        from lmtune.tools import plot
+        from lmtune.engine.logging import curves as plot
 
         if not plot.have_matplotlib():
             runner.logger.info(f"curves.png not drawn: matplotlib is not installed ({plot.MATPLOTLIB_HINT})")

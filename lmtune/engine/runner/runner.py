@@ -178,7 +178,9 @@ class Runner:
         env_cfg = dict(cfg.get("env_cfg") or {})
         torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
         self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")
-        from lmtune.visualization import build_visualizer  # TensorBoard/W&B/MLflow: a missing package fails here
+        from lmtune.engine.logging.visualization import (
+            build_visualizer,  # TensorBoard/W&B/MLflow: a missing package fails here
+        )
 
         self.visualizer = build_visualizer(cfg.get("visualizer"), self.log_dir, cfg)
 
@@ -200,7 +202,7 @@ class Runner:
                          f"device: {self.device}  strategy: {self.strategy.name}  world size: {get_world_size()}")
 
         # a model whose hub code cannot run here stops the run now, before any data is processed
-        from lmtune.ports import check_model_config
+        from lmtune.model.ports import check_model_config
 
         check_model_config(cfg.get("model"))
         # hooks first: their settings are checked before any data or weights are loaded

@@ -72,7 +72,8 @@ tokenizer = dict(
 
 # Full fine-tuning: every weight is trained (the optimizer keeps fp32 master weights). The Hub repository of
 # InternLM2-Chat-7B ships model code written for transformers 4; lmtune loads the checkpoint as it is into its
-# own port of the architecture (lmtune.ports), so none of that code runs and no trust_remote_code is needed.
+# own port of the architecture (lmtune.model.ports), so none of that code runs and no trust_remote_code is
+# needed.
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,

@@ -71,8 +71,8 @@ tokenizer = dict(
 
 # LoRA: the base weights are loaded in float16 and frozen; LoRA adapters of rank 64 on every linear layer but
 # the output head are trained. The Hub repository of InternLM2-Chat-7B ships model code written for
-# transformers 4; lmtune loads the checkpoint as it is into its own port of the architecture (lmtune.ports),
-# so none of that code runs and no trust_remote_code is needed.
+# transformers 4; lmtune loads the checkpoint as it is into its own port of the architecture
+# (lmtune.model.ports), so none of that code runs and no trust_remote_code is needed.
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,

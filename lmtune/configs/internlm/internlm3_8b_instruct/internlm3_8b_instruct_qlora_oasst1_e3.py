@@ -67,7 +67,7 @@ tokenizer = dict(
 # QLoRA: the base weights are loaded in 4 bits (NF4, double quantization) and frozen; LoRA adapters of rank 64
 # on every linear layer but the output head are trained. The Hub repository of InternLM3-8B-Instruct ships
 # model code written for transformers 4; lmtune loads the checkpoint as it is into its own port of the
-# architecture (lmtune.ports), so none of that code runs and no trust_remote_code is needed.
+# architecture (lmtune.model.ports), so none of that code runs and no trust_remote_code is needed.
 model = dict(
     type=SupervisedFinetune,
     use_varlen_attn=use_varlen_attn,

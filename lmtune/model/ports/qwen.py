@@ -68,8 +68,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.llama_like import rope_parameters
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.llama_like import rope_parameters
 
 # ------------------------------------------------------------------ the config
 
@@ -344,8 +344,8 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     configs pass ``eos_token``); ``<|endoftext|>`` and the others are special wherever they appear in a text."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from lmtune.ports import _json_file, _source
-    from lmtune.ports.layout import _local_file
+    from lmtune.model.ports import _json_file, _source
+    from lmtune.model.ports.layout import _local_file
 
     config = _json_file(path, "tokenizer_config.json", kwargs) or {}
     vocab = _local_file(_source(path, kwargs), VOCAB_FILE)

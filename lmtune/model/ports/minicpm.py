@@ -46,8 +46,8 @@ from torch import nn
 from transformers import GraniteConfig, GraniteForCausalLM, MiniCPM3Config, MiniCPM3ForCausalLM
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.llama_like import llama_kwargs
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.llama_like import llama_kwargs
 
 ROPE_TYPES = ("linear", "dynamic", "longrope")
 
@@ -213,7 +213,7 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     tokenizer_config.json says ``add_bos_token: false`` (MiniCPM3's does), and no EOS unless it says otherwise."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from lmtune.ports import _json_file
+    from lmtune.model.ports import _json_file
 
     config = _json_file(path, "tokenizer_config.json", kwargs) or {}
     for name, default in (("add_bos_token", True), ("add_eos_token", False)):

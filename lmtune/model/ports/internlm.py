@@ -1,7 +1,7 @@
 """InternLM, InternLM2 / 2.5 and InternLM3 on transformers' Llama implementation.
 
 - InternLM2 is Llama with other names and one fused, head-grouped ``wqkv`` projection
-  (``lmtune.ports.ops.GroupedQKVSplit``): ``tok_embeddings``, ``attention.wqkv``/``wo``,
+  (``lmtune.model.ports.ops.GroupedQKVSplit``): ``tok_embeddings``, ``attention.wqkv``/``wo``,
   ``feed_forward.w1`` (gate) / ``w3`` (up) / ``w2`` (down), ``attention_norm``, ``ffn_norm``,
   ``output``. Its config's ``bias`` covers ``wqkv`` and ``wo``, which is Llama's ``attention_bias``.
   Its dynamic NTK scaling is transformers' ``dynamic`` RoPE; the hub code keeps a scaled base after
@@ -19,9 +19,9 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.llama_like import llama_kwargs, rope_parameters
-from lmtune.ports.ops import GroupedQKVSplit
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.llama_like import llama_kwargs, rope_parameters
+from lmtune.model.ports.ops import GroupedQKVSplit
 
 
 class InternLM2NativeConfig(LlamaConfig):

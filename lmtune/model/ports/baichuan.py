@@ -41,8 +41,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaAttention, eager_attention_forward
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.llama_like import llama_kwargs, rope_parameters
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.llama_like import llama_kwargs, rope_parameters
 
 BAICHUAN2_VOCAB = 125696  # the vocabulary of every Baichuan2 release
 ROPE_BASE = 10000.0  # fixed in the hub code (no rope_theta key)
@@ -330,7 +330,7 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     has no such key; Baichuan2's set it to false); transformers' backend would add none without the key."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from lmtune.ports import _json_file
+    from lmtune.model.ports import _json_file
 
     config = _json_file(path, "tokenizer_config.json", kwargs) or {}
     for name, default in (("add_bos_token", True), ("add_eos_token", False)):

@@ -51,8 +51,8 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.ops import GroupedQKVSplit
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.ops import GroupedQKVSplit
 
 ROPE_BASE = 10000.0  # fixed in the hub code; rope_ratio multiplies it
 
@@ -217,8 +217,8 @@ def model_class(hub: dict) -> type:
 
 def _tokenizer_code(path: Any, kwargs: dict) -> str | None:
     """The text (never run) of the repository's ``tokenization_chatglm.py``, or None without one."""
-    from lmtune.ports import _source
-    from lmtune.ports.layout import _local_file
+    from lmtune.model.ports import _source
+    from lmtune.model.ports.layout import _local_file
 
     found = _local_file(_source(path, kwargs), "tokenization_chatglm.py")
     return None if found is None else found.read_text(encoding="utf-8", errors="replace")
@@ -265,7 +265,7 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     from tokenizers.processors import TemplateProcessing
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from lmtune.ports import _json_file
+    from lmtune.model.ports import _json_file
 
     config = _json_file(path, "tokenizer_config.json", kwargs) or {}
     roles, matchable = tokenizer_flavour(_tokenizer_code(path, kwargs))

@@ -10,8 +10,10 @@ such a repository into transformers' own implementation of the same architecture
   the original tokenizer's ids;
 - an export writes the hub ``config.json`` and copies the repository's code files (``layout``).
 
-``native_callable`` is how a config reaches them: ``lmtune.config.build`` asks it about every
-``from_pretrained`` of transformers' ``Auto*`` classes, and a directory or hub id of a ported family
+``native_callable`` is how a config reaches them: importing this package registers it with
+``lmtune.config.build`` (``route_calls``), which then asks it about every ``from_pretrained`` of
+transformers' ``Auto*`` classes (``lmtune.model`` imports it, and so does every command that loads a
+config), and a directory or hub id of a ported family
 is loaded natively whether or not the config says ``trust_remote_code`` (no remote code runs).
 Other repositories load exactly as transformers loads them.
 """
@@ -23,8 +25,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmtune.config.build import route_calls
 from lmtune.core.errors import ConfigError
-from lmtune.ports.family import BY_TYPE, FAMILIES, Family, family_of, family_of_tokenizer, native_titles
+from lmtune.model.ports.family import BY_TYPE, FAMILIES, Family, family_of, family_of_tokenizer, native_titles
 
 __all__ = [
     "FAMILIES", "BY_TYPE", "Family", "check_model_config", "check_runnable", "family_of", "hub_config",
@@ -69,7 +72,7 @@ def hub_config(path: Any, **kwargs: Any) -> dict | None:
 
 def _json_file(path: Any, name: str, kwargs: dict) -> dict | None:
     """A JSON file of a local dir or hub repository, or None."""
-    from lmtune.ports.layout import _local_file
+    from lmtune.model.ports.layout import _local_file
 
     if path is None:
         return None
@@ -166,7 +169,7 @@ def load_tokenizer(family: Family, hub: dict, path: Any, **kwargs: Any) -> Any:
 def save_tokenizer(tokenizer: Any, save_dir: str | Path) -> None:
     """Save a tokenizer; one loaded from a ported repository is saved as that repository's own files
     (its vocabulary, configs and tokenizer code), which both the hub code and lmtune read."""
-    from lmtune.ports.layout import _local_file
+    from lmtune.model.ports.layout import _local_file
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -284,3 +287,6 @@ def from_pretrained(auto_cls: Any, path: Any, **kwargs: Any) -> Any:
     if native is not None:
         return native(pretrained_model_name_or_path=path, **kwargs)
     return auto_cls.from_pretrained(path, **kwargs)
+
+
+route_calls(native_callable)  # lmtune.config.build asks the ports about every Auto*.from_pretrained it builds

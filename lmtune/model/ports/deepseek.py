@@ -62,8 +62,8 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts, DeepseekV2MLP
 
 from lmtune.core.errors import ConfigError
-from lmtune.ports.layout import HubLayoutMixin
-from lmtune.ports.llama_like import llama_kwargs
+from lmtune.model.ports.layout import HubLayoutMixin
+from lmtune.model.ports.llama_like import llama_kwargs
 
 # the hub configuration's defaults for keys a config.json may leave out
 HUB_DEFAULTS = dict(moe_intermediate_size=1407, n_shared_experts=None, n_routed_experts=None,
@@ -287,7 +287,7 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     DeepSeek's is not, so lmtune uses the tokenizers backend with the file's own pipeline and the same flags."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from lmtune.ports import _json_file
+    from lmtune.model.ports import _json_file
 
     config = _json_file(path, "tokenizer_config.json", kwargs) or {}
     for name, default in (("add_bos_token", True), ("add_eos_token", False)):

@@ -11,7 +11,7 @@ from typing import Any
 class Family:
     """A model family whose hub repository ships its own (transformers 4) code.
 
-    ``module`` (under ``lmtune.ports``) provides:
+    ``module`` (under ``lmtune.model.ports``) provides:
 
     - ``native_config(hub: dict) -> PreTrainedConfig``: the hub ``config.json`` as the config of the
       native implementation (raising ``ConfigError`` for a variant it does not cover);
@@ -29,7 +29,7 @@ class Family:
     examples: tuple[str, ...] = field(default=())
 
     def code(self) -> Any:
-        return importlib.import_module(f"lmtune.ports.{self.module}")
+        return importlib.import_module(f"lmtune.model.ports.{self.module}")
 
 
 FAMILIES: tuple[Family, ...] = (

@@ -1,0 +1,1 @@
+"""Stand-ins that exist only so that other tools' configs run (reached through lmtune.config.aliases)."""
