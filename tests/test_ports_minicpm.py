@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -35,17 +34,9 @@ def _original_ids(model_file: Path, text: str, specials: list[str], bos: bool) -
     """What the original tokenizers give (MiniCPM-2B's LlamaTokenizer; MiniCPM3's LlamaTokenizerFast, legacy): BOS
     where add_bos_token says so, then the text split at the special tokens, each piece encoded by sentencepiece on
     its own (with its dummy prefix), the special tokens as their ids."""
-    import sentencepiece as spm
+    from hub_models import sentencepiece_ids
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    marks = ["<s>", "</s>", "<unk>", *specials]
-    ids = [sp.bos_id()] if bos else []
-    for chunk in re.split("(" + "|".join(re.escape(m) for m in marks) + ")", text):
-        if chunk in marks:
-            ids.append(sp.piece_to_id(chunk))
-        elif chunk:
-            ids += sp.encode(chunk)
-    return ids
+    return sentencepiece_ids(model_file, text, specials, bos=bos)
 
 
 def _tokenizer(path: Path, trust_remote_code: bool):
