@@ -148,8 +148,8 @@ def test_a_stored_inv_freq_buffer_is_ignored_on_load_and_not_written_back(tmp_pa
 
 # ------------------------------------------------------------------ the library's ChatGLM3 configs
 
-LIBRARY_RUNS = [f"chatglm3_6b_{kind}_{data}_e3" for kind in ("full", "lora", "qlora")
-                for data in ("alpaca", "custom", "oasst1")]
+# one config per method, each on another dataset (the nine share everything else)
+LIBRARY_RUNS = ["chatglm3_6b_full_alpaca_e3", "chatglm3_6b_lora_custom_e3", "chatglm3_6b_qlora_oasst1_e3"]
 
 
 @pytest.mark.parametrize("name", LIBRARY_RUNS)
