@@ -166,6 +166,18 @@ def load_tokenizer(family: Family, hub: dict, path: Any, **kwargs: Any) -> Any:
     return tokenizer
 
 
+def llama_rule_tokenizer(path: Any, **kwargs: Any) -> Any:
+    """The repository's tokenizer files through transformers' tokenizers backend, with the BOS/EOS rule of the
+    Llama-style tokenizers the hub code names: BOS unless tokenizer_config.json says ``add_bos_token: false``,
+    no EOS unless it says ``add_eos_token: true`` (the backend alone would add neither without the keys)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    config = _json_file(path, "tokenizer_config.json", kwargs) or {}
+    for name, default in (("add_bos_token", True), ("add_eos_token", False)):
+        kwargs.setdefault(name, bool(config.get(name, default)))
+    return TokenizersBackend.from_pretrained(path, **kwargs)
+
+
 def save_tokenizer(tokenizer: Any, save_dir: str | Path) -> None:
     """Save a tokenizer; one loaded from a ported repository is saved as that repository's own files
     (its vocabulary, configs and tokenizer code), which both the hub code and lmtune read."""

@@ -328,11 +328,6 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
 
     ``BaichuanTokenizer`` adds BOS unless its tokenizer_config.json says ``add_bos_token: false`` (Baichuan-13B's
     has no such key; Baichuan2's set it to false); transformers' backend would add none without the key."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    from lmtune.model.ports import llama_rule_tokenizer
 
-    from lmtune.model.ports import _json_file
-
-    config = _json_file(path, "tokenizer_config.json", kwargs) or {}
-    for name, default in (("add_bos_token", True), ("add_eos_token", False)):
-        kwargs.setdefault(name, bool(config.get(name, default)))
-    return TokenizersBackend.from_pretrained(path, **kwargs)
+    return llama_rule_tokenizer(path, **kwargs)

@@ -48,11 +48,11 @@ from typing import Any
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+from transformers.core_model_loading import ConversionOps
 
 from lmtune.core.errors import ConfigError
 from lmtune.model.ports.layout import HubLayoutMixin
-from lmtune.model.ports.ops import GroupedQKVSplit
+from lmtune.model.ports.ops import GroupedQKVSplit, hub_mapping
 
 ROPE_BASE = 10000.0  # fixed in the hub code; rope_ratio multiplies it
 
@@ -127,13 +127,7 @@ def _mapping(grouped_by_head: bool) -> list:
                (r"\.self_attention\.dense\.", ".self_attn.o_proj."),
                (r"\.mlp\.dense_h_to_4h\.", ".mlp.gate_up_proj."),
                (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")]
-    mapping: list = [WeightRenaming(source, target) for source, target in renames]
-    for kind in ("weight", "bias"):
-        mapping.append(WeightConverter(
-            source_patterns=f"self_attention.query_key_value.{kind}",
-            target_patterns=[f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}"],
-            operations=[GroupedQKVSplit() if grouped_by_head else QKVSizesSplit()]))
-    return mapping
+    return hub_mapping(renames, "self_attention.query_key_value", GroupedQKVSplit if grouped_by_head else QKVSizesSplit)
 
 
 # by class name: the mapping must not reach the hub's own ChatGLM classes (model_type "chatglm" too)

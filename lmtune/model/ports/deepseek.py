@@ -285,11 +285,6 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     post-processor from ``add_bos_token`` / ``add_eos_token`` (true / false, as their tokenizer_config.json says);
     transformers 5's ``LlamaTokenizer`` would rebuild the pre-tokenizer and decoder as SentencePiece's, which
     DeepSeek's is not, so lmtune uses the tokenizers backend with the file's own pipeline and the same flags."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    from lmtune.model.ports import llama_rule_tokenizer
 
-    from lmtune.model.ports import _json_file
-
-    config = _json_file(path, "tokenizer_config.json", kwargs) or {}
-    for name, default in (("add_bos_token", True), ("add_eos_token", False)):
-        kwargs.setdefault(name, bool(config.get(name, default)))
-    return TokenizersBackend.from_pretrained(path, **kwargs)
+    return llama_rule_tokenizer(path, **kwargs)

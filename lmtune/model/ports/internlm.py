@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 from lmtune.core.errors import ConfigError
 from lmtune.model.ports.layout import HubLayoutMixin
 from lmtune.model.ports.llama_like import llama_kwargs, rope_parameters
-from lmtune.model.ports.ops import GroupedQKVSplit
+from lmtune.model.ports.ops import GroupedQKVSplit, hub_mapping
 
 
 class InternLM2NativeConfig(LlamaConfig):
@@ -53,13 +52,7 @@ def _internlm2_mapping() -> list:
                (r"\.attention_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
                (r"\.attention\.wo\.", ".self_attn.o_proj."), (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
                (r"\.feed_forward\.w3\.", ".mlp.up_proj."), (r"\.feed_forward\.w2\.", ".mlp.down_proj.")]
-    mapping: list = [WeightRenaming(source, target) for source, target in renames]
-    for kind in ("weight", "bias"):
-        mapping.append(WeightConverter(
-            source_patterns=f"attention.wqkv.{kind}",
-            target_patterns=[f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}"],
-            operations=[GroupedQKVSplit()]))
-    return mapping
+    return hub_mapping(renames, "attention.wqkv", GroupedQKVSplit)
 
 
 # by class name: the mapping must not reach the hub's own InternLM2 classes (model_type "internlm2" too)

@@ -211,14 +211,9 @@ def load_tokenizer(path: Any, hub: dict, **kwargs: Any) -> Any:
     ``LlamaTokenizerFast`` plus tool-call helpers for its chat template), built by transformers' backend from
     ``tokenizer.json`` or ``tokenizer.model``, with the original's BOS/EOS rule: Llama's tokenizers add BOS unless
     tokenizer_config.json says ``add_bos_token: false`` (MiniCPM3's does), and no EOS unless it says otherwise."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    from lmtune.model.ports import llama_rule_tokenizer
 
-    from lmtune.model.ports import _json_file
-
-    config = _json_file(path, "tokenizer_config.json", kwargs) or {}
-    for name, default in (("add_bos_token", True), ("add_eos_token", False)):
-        kwargs.setdefault(name, bool(config.get(name, default)))
-    return TokenizersBackend.from_pretrained(path, **kwargs)
+    return llama_rule_tokenizer(path, **kwargs)
 
 
 __all__ = ["HUB_LINEAR_NAMES", "MiniCPM3NativeConfig", "MiniCPM3NativeForCausalLM",

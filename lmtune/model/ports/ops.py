@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
 
 def _only(value):
@@ -51,3 +53,17 @@ class GroupedQKVSplit(ConversionOps):
     @property
     def reverse_op(self) -> ConversionOps:
         return GroupedQKVSplit(inverse=not self.inverse)
+
+
+def hub_mapping(renames: list[tuple[str, str]], fused_qkv: str, make_split: Callable[[], ConversionOps],
+                kinds: tuple[str, ...] = ("weight", "bias")) -> list:
+    """A port's checkpoint conversion: the hub's names renamed (``(pattern, replacement)`` pairs), and its fused
+    attention projection ``fused_qkv`` (e.g. ``"attention.wqkv"``) split by a ``make_split()`` op into Llama's q/k/v
+    projections, for each of ``kinds`` (weight, bias); transformers reverses both on save."""
+    mapping: list = [WeightRenaming(source, target) for source, target in renames]
+    for kind in kinds:
+        mapping.append(WeightConverter(
+            source_patterns=f"{fused_qkv}.{kind}",
+            target_patterns=[f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}"],
+            operations=[make_split()]))
+    return mapping

@@ -58,7 +58,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
+from transformers.core_model_loading import Chunk
 from transformers.models.qwen2.modeling_qwen2 import (
     ALL_ATTENTION_FUNCTIONS,
     Qwen2Attention,
@@ -70,6 +70,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from lmtune.core.errors import ConfigError
 from lmtune.model.ports.layout import HubLayoutMixin
 from lmtune.model.ports.llama_like import rope_parameters
+from lmtune.model.ports.ops import hub_mapping
 
 # ------------------------------------------------------------------ the config
 
@@ -236,13 +237,7 @@ def _mapping() -> list:
                (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.attn\.c_proj\.", ".self_attn.o_proj."),
                (r"\.mlp\.w1\.", ".mlp.up_proj."), (r"\.mlp\.w2\.", ".mlp.gate_proj."),
                (r"\.mlp\.c_proj\.", ".mlp.down_proj.")]
-    mapping: list = [WeightRenaming(source, target) for source, target in renames]
-    for kind in ("weight", "bias"):
-        mapping.append(WeightConverter(
-            source_patterns=f"attn.c_attn.{kind}",
-            target_patterns=[f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}", f"self_attn.v_proj.{kind}"],
-            operations=[Chunk(dim=0)]))
-    return mapping
+    return hub_mapping(renames, "attn.c_attn", lambda: Chunk(dim=0))
 
 
 # by class name: the mapping must not reach other Qwen2 classes
