@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import lmtune
 from lmtune.config import Config, ConfigError
 from lmtune.engine import checkpoint as ckpt
-from lmtune.engine import export as convert
+from lmtune.engine.checkpoint import export as convert
 from lmtune.engine.runner import Runner
 from lmtune.tools import convert as convert_cli
 

@@ -144,7 +144,7 @@ def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_mode
 def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, hooks_cfg):
     from transformers import AutoModelForCausalLM
 
-    from lmtune.engine.export import pth_to_hf
+    from lmtune.engine.checkpoint.export import pth_to_hf
 
     # the same loss path on both sides (FSDP2 uses the plain loss: its output head is sharded)
     opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2, **{"model.loss_chunk_size": 0})
@@ -180,7 +180,7 @@ def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lmtune.engine.export import pth_to_hf
+    from lmtune.engine.checkpoint.export import pth_to_hf
 
     opts = _opts(tiny_model_dir, data_dir, iters=6, lr=1e-2)
     work = tmp_path / "work"
@@ -344,7 +344,7 @@ def test_a_failing_rank_ends_the_run_promptly(tmp_path, tiny_model_dir, data_dir
 def test_a_hub_layout_internlm2_trains_sharded_resumes_and_exports_in_its_layout(tmp_path, data_dir, engine):
     from hub_models import internlm2_dir
 
-    from lmtune.engine.export import pth_to_hf
+    from lmtune.engine.checkpoint.export import pth_to_hf
 
     hub_dir = internlm2_dir(tmp_path / "hub")
     opts = _opts(str(hub_dir), data_dir, full=True, lr=1e-2) + ["model.llm.trust_remote_code=True"]

@@ -279,7 +279,7 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_a_full_run_exports_in_the_hub_layout_with_the_trained_logits(tmp_path):
-    from lmtune.engine import export as convert
+    from lmtune.engine.checkpoint import export as convert
 
     runner, hub_dir, latest = _trained(tmp_path, full=True)
     out = convert.pth_to_hf(None, latest, tmp_path / "hf")
@@ -299,7 +299,7 @@ def test_a_full_run_exports_in_the_hub_layout_with_the_trained_logits(tmp_path):
 def test_a_lora_run_exports_an_adapter_for_the_port_and_merges_in_the_hub_layout(tmp_path):
     from peft import PeftModel
 
-    from lmtune.engine import export as convert
+    from lmtune.engine.checkpoint import export as convert
     from lmtune.tools.chat import load_for_chat
 
     runner, hub_dir, latest = _trained(tmp_path, full=False)

@@ -81,7 +81,7 @@ def _hub_dir(root: Path, fixture: str) -> Path:
 def make(out: Path, fixture: str, code_dir: Path | None) -> None:
     from safetensors.torch import save_file
 
-    from lmtune.engine import export as convert
+    from lmtune.engine.checkpoint import export as convert
 
     spec = _specs()[fixture]
     shutil.rmtree(out, ignore_errors=True)

@@ -129,7 +129,7 @@ def alias_module(name: str) -> types.ModuleType:
     modules = _lmtune_modules(name)
     shim = types.ModuleType(name, f"lmtune's stand-in for {name} (config loading only)")
     for module in reversed(modules):
-        for attr in dir(module):
+        for attr in sorted(set(dir(module)) | set(getattr(module, "__all__", ()))):  # __all__: lazy names too
             if not attr.startswith("_"):
                 setattr(shim, attr, getattr(module, attr))
     return shim

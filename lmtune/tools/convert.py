@@ -1,4 +1,4 @@
-"""``lmtune convert``: ``pth_to_hf`` and ``merge`` on the command line (the export itself: lmtune.engine.export)."""
+"""``lmtune convert``: ``pth_to_hf`` and ``merge`` on the command line (the export: engine/checkpoint/export.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lmtune.engine.export import merge, pth_to_hf
+from lmtune.engine.checkpoint.export import merge, pth_to_hf
 
 # ------------------------------------------------------------------ command line
 

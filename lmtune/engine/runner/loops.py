@@ -50,6 +50,7 @@ class TrainLoop:
         self.iter = 0  # completed iterations
         self.iter_in_epoch = 0
         self.in_after_iter = 0  # 1 while after_train_iter hooks run: that iteration is complete
+        self.at_step_boundary = True  # the last micro-batch run ended an optimizer step
 
     @property
     def completed_iters(self) -> int:
@@ -144,7 +145,7 @@ class TrainLoop:
                 outputs["step_tokens"] = step_tokens
                 if getattr(optim, "skipped", False):
                     self._report_skipped(outputs)
-            runner.at_step_boundary = last
+            self.at_step_boundary = last
             self.in_after_iter = 1
             runner.call_hook("after_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch,
                              outputs=outputs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import sys
@@ -19,12 +18,12 @@ import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.config.build import check_kwargs, resolve_callable
 from lmtune.core.device import default_device
-from lmtune.core.dist import all_reduce_sum, barrier, get_rank, get_world_size, is_distributed, is_main_process
+from lmtune.core.dist import barrier, get_world_size, is_distributed, is_main_process
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
-from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.checkpoint import Checkpointer
+from lmtune.engine.checkpoint.hook import CheckpointHook
 from lmtune.engine.hooks import (
-    CheckpointHook,
     DistSamplerSeedHook,
     Hook,
     IterTimerHook,
@@ -98,25 +97,6 @@ def set_random_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def setup_logger(log_file: Path | None, level: str = "INFO") -> logging.Logger:
     for handler in list(logger.handlers):
         if getattr(handler, "_lmtune", False):
@@ -152,9 +132,7 @@ class Runner:
         self.cfg = cfg
         self.device = default_device()
         self.message_hub = MessageHub()
-        self.at_step_boundary = True
-        self.last_saved_iter: int | None = None
-        self.last_saved_path: Path | None = None  # on rank 0: the newest checkpoint this run wrote
+        self.checkpointer = Checkpointer(self)
         name = Path(getattr(cfg, "filename", "config.py")).stem
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
         self._made_work_dir = not self.work_dir.exists()
@@ -186,8 +164,8 @@ class Runner:
 
         resume = cfg.get("resume", False) if resume is None else resume
         load_from = load_from or cfg.get("load_from")
-        self.resume_from = self._resume_path(resume, load_from)
-        self._resume_state = ckpt.load_checkpoint(self.resume_from, rank=get_rank()) if self.resume_from else None
+        self.resume_from = self.checkpointer.resume_path(resume, load_from)
+        self._resume_state = self.checkpointer.read(self.resume_from) if self.resume_from else None
         randomness = dict(cfg.get("randomness") or {})
         if self._resume_state is not None:  # the resumed run is the same run: same seed, same data order
             saved = int(self._resume_state["trainer"]["seed"])
@@ -212,10 +190,10 @@ class Runner:
         model = self._build_model(cfg.get("model"))
         # checkpoint weights go into the plain model, before it is wrapped or sharded
         if self._resume_state is not None:
-            self._check_strategy(self.resume_from, self._resume_state)
-            self.strategy.load_trainable_state_dict(model, self._resume_state["weights"])
+            self.checkpointer.check_strategy(self.resume_from, self._resume_state)
+            self.checkpointer.load_weights(model, self._resume_state)
         elif load_from:
-            self.strategy.load_trainable_state_dict(model, ckpt.load_checkpoint(load_from)["weights"])
+            self.checkpointer.load_weights(model, self.checkpointer.read(load_from))
             self.logger.info(f"Loaded weights from {load_from}")
         self.model = self.strategy.wrap_model(model)
         self.optim_wrapper = self._build_optim_wrapper(cfg.get("optim_wrapper"))
@@ -227,7 +205,7 @@ class Runner:
         self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader)
 
         if self._resume_state is not None:
-            self._apply_training_state(self.resume_from, self._resume_state)
+            self.checkpointer.restore(self.resume_from, self._resume_state)
         self._resume_state = None
 
     def _dump_config(self, name: str, randomness: dict) -> str:
@@ -242,20 +220,8 @@ class Runner:
                                 "the work dir gets the original file instead.")
         if is_main_process():
             (self.log_dir / f"{name}.py").write_text(text, encoding="utf-8")
-        self._config_name = name
+        self.config_name = name
         return text
-
-    def _publish_config(self) -> None:
-        """The effective config beside the checkpoints, once the run gets as far as training."""
-        if not is_main_process():
-            return
-        target = self.work_dir / f"{self._config_name}.py"
-        source = Path(getattr(self.cfg, "filename", "")).resolve()
-        if target.resolve() == source:
-            self.logger.warning(f"not writing the effective config over {source} (the work dir holds the "
-                                f"config itself); it is in {self.log_dir}")
-        else:
-            target.write_text(self.config_text, encoding="utf-8")
 
     def _discard_log_dir(self) -> None:
         """A run that fails before its first iteration leaves no trace in the work dir: its log dir (log,
@@ -473,6 +439,10 @@ class Runner:
         return self.train_loop.completed_iters
 
     @property
+    def at_step_boundary(self) -> bool:
+        return self.train_loop.at_step_boundary
+
+    @property
     def unwrapped_model(self) -> torch.nn.Module:
         return getattr(self.model, "module", self.model)
 
@@ -480,123 +450,22 @@ class Runner:
         for hook in self.hooks:
             getattr(hook, name)(self, **kwargs)
 
-    # -- checkpoints -----------------------------------------------------
+    # -- checkpoints (the Checkpointer owns them) -------------------------
     def save_checkpoint(self, out_dir: str | None = None, save_optimizer: bool = True) -> Path | None:
-        """Write ``iter_N`` (N = completed iterations) atomically; returns its path on rank 0.
-
-        Every rank calls it: the strategy gathers the weights (and optimizer state) from all
-        ranks; rank 0 writes, together with the optimizer shard of each rank under FSDP2.
-        An error on any rank raises on every rank, and nothing is left half-written.
-        """
-        step = self.completed_iters
-        work_dir = Path(out_dir or self.work_dir)
-        name = f"iter_{step}"
-        weights = self.strategy.trainable_state_dict(self.model)
-        optimizer_state = None
-        if save_optimizer:
-            optimizer_state = self.strategy.optimizer_state_dict(self.optim_wrapper)
-            if optimizer_state is not None:
-                optimizer_state = {"optim_wrapper": optimizer_state,
-                                   "param_schedulers": [s.state_dict() for s in self.param_schedulers]}
-        trainer = {"loop": self.train_loop.state_dict(), "rng": rng_state(), "seed": self.seed}
-        meta = {"lmtune_version": lmtune.__version__, "iter": step, "epoch": self.train_loop.epoch,
-                "seed": self.seed, "config_sha256": hashlib.sha256(self.config_text.encode()).hexdigest(),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "strategy": self.strategy.name,
-                "world_size": get_world_size()}
-        shards: dict[str, Path] = {}
-        if save_optimizer and self.strategy.sharded_optimizer:
-            meta["optimizer_shards"] = get_world_size()
-            shards = {ckpt.optimizer_shard_name(r): ckpt.staged_shard_path(work_dir, name, r)
-                      for r in range(get_world_size())}
-            self._stage_shard(work_dir, name, optimizer_state)
-            optimizer_state = None  # rank 0 moves every rank's shard in instead of writing optimizer.pt
-        checkpoint = {"meta": meta, "trainer": trainer}
-        self.call_hook("before_save_checkpoint", checkpoint=checkpoint)
-        path, error = None, None
-        if is_main_process():
-            try:
-                path = ckpt.save_checkpoint(work_dir, name, weights, optimizer_state, trainer, meta,
-                                            extra_files={"config.py": self.config_text}, move_in=shards)
-                self.logger.info(f"Saved checkpoint {path}")
-                self._publish_config()
-            except Exception as exc:  # noqa: BLE001 - told to every rank, raised on every rank
-                error = exc
-        self._raise_on_any_rank(error)
-        self.last_saved_iter, self.last_saved_path = step, path
-        return path
-
-    def _stage_shard(self, work_dir: Path, name: str, state: dict | None) -> None:
-        """Each rank writes its optimizer shard next to the checkpoint-to-be; rank 0 moves them in."""
-        error = None
-        try:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_staged_shard(work_dir, name, get_rank(), state)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        self._raise_on_any_rank(error)
-
-    def _raise_on_any_rank(self, error: Exception | None) -> None:
-        failed = int(all_reduce_sum(torch.tensor(int(error is not None), device=self.device)))
-        if error is not None:
-            raise error
-        if failed:
-            raise OSError(f"{failed} other rank(s) failed while saving the checkpoint (see their messages)")
-
-    def _resume_path(self, resume: bool | str, load_from: str | None) -> Path | None:
-        """The checkpoint to resume from: a given path, ``load_from`` or the newest in the work dir."""
-        if not resume:
-            return None
-        path = resume if isinstance(resume, (str, Path)) else load_from
-        if path:
-            return Path(path)
-        found = ckpt.find_latest(self.work_dir, warn=self.logger.warning)
-        if found is None:
-            self.logger.warning(f"resume: no checkpoint in {self.work_dir}; starting from scratch")
-        return found
-
-    def _check_strategy(self, path: Path, state: dict) -> None:
-        """A checkpoint's optimizer state resumes under an engine that stores it the same way."""
-        saved = state["meta"].get("strategy", "single")
-        family = {"single": "torch", "ddp": "torch"}
-        if family.get(saved, saved) != family.get(self.strategy.name, self.strategy.name):
-            raise ConfigError(f"{path} was saved under {saved} and this run uses {self.strategy.name}: its optimizer "
-                              f"state cannot be resumed here. Resume under {saved}, or use load_from={str(path)!r} "
-                              "to start from its weights")
-        shards = state["meta"].get("optimizer_shards")
-        if shards and int(shards) != get_world_size():
-            raise ConfigError(f"{path} holds optimizer state sharded over {shards} processes; resume with {shards} "
-                              f"processes (this run has {get_world_size()}), or use load_from to start from its "
-                              "weights")
+        """Write ``iter_N`` now (every rank calls it); its path on rank 0. See ``Checkpointer.save``."""
+        return self.checkpointer.save(out_dir, save_optimizer)
 
     def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
         """Load weights (``resume=False``) or the whole training state of a built runner."""
-        state = ckpt.load_checkpoint(path, rank=get_rank())
-        if resume:
-            self._check_strategy(Path(path), state)
-        if self.strategy.shards_params or self.model is not self.unwrapped_model:
-            raise ConfigError("load_checkpoint after the model is wrapped or sharded is not supported; pass "
-                              "resume=/load_from= to the Runner instead")
-        self.unwrapped_model.load_trainable_state_dict(state["weights"])
-        if resume:
-            self._apply_training_state(Path(path), state)
-        else:
-            self.logger.info(f"Loaded weights from {path}")
+        self.checkpointer.load(path, resume)
 
-    def _apply_training_state(self, path: Path, state: dict) -> None:
-        if state["optimizer"] is None:
-            raise ConfigError(f"{path} was saved without optimizer state and cannot be resumed; "
-                              "use load_from to start from its weights")
-        digest = hashlib.sha256(self.config_text.encode()).hexdigest()
-        if state["meta"].get("config_sha256") not in (None, digest):
-            self.logger.warning(f"the config differs from the one {path} was trained with; resuming anyway")
-        self.strategy.load_optimizer_state_dict(self.optim_wrapper, state["optimizer"]["optim_wrapper"])
-        for scheduler, s_state in zip(self.param_schedulers, state["optimizer"]["param_schedulers"]):
-            scheduler.load_state_dict(s_state)
-        self.train_loop.load_state_dict(state["trainer"]["loop"])
-        set_rng_state(state["trainer"]["rng"])
-        self.last_saved_iter = self.train_loop.iter
-        self.call_hook("after_load_checkpoint", checkpoint=state)
-        self.logger.info(f"Resumed from {path} at iteration {self.train_loop.iter}")
+    @property
+    def last_saved_iter(self) -> int | None:
+        return self.checkpointer.last_saved_iter
+
+    @property
+    def last_saved_path(self) -> Path | None:
+        return self.checkpointer.last_saved_path
 
     # -- running ---------------------------------------------------------
     def train(self) -> torch.nn.Module:

@@ -21,7 +21,7 @@ EXPORT_INFO = "lmtune_export.json"
 # ------------------------------------------------------------------ helpers
 
 def _check_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    from lmtune.engine import checkpoint as ckpt
+    from lmtune.engine.checkpoint import format as ckpt
 
     path = Path(checkpoint)
     if not path.is_dir():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmtune.core.dist import is_main_process
-from lmtune.engine import checkpoint as ckpt
+from lmtune.engine.checkpoint import format as ckpt
 from lmtune.engine.hooks.hook import Hook
 
 

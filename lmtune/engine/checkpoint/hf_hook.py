@@ -27,7 +27,7 @@ class HFCheckpointHook(Hook):
         self.safe_serialization = safe_serialization
 
     def after_run(self, runner) -> None:
-        from lmtune.engine.export import export_model, pth_to_hf
+        from lmtune.engine.checkpoint.export import export_model, pth_to_hf
 
         out_dir = Path(self.out_dir) if self.out_dir else runner.work_dir / "hf"
         kind = "adapter" if runner.unwrapped_model.use_lora else "model"
