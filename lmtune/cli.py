@@ -7,12 +7,12 @@ import os
 import sys
 
 import lmtune
-from lmtune.configs import CONFIG_ROOT, builtin_configs, resolve_config  # noqa: F401  (the index)
+from lmtune.configs import CONFIG_ROOT, builtin_configs, load_config, resolve_config  # noqa: F401  (the index)
 from lmtune.core.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lmtune.engine import launch
+    from lmtune.engine.strategies import launch
 
     cfg = _load(args, fetch_model=False)  # a broken config fails here, once, before any process starts
     if launch.wants_relaunch(args.launcher):
@@ -20,13 +20,15 @@ def _train(args: argparse.Namespace) -> int:
     launch.init_distributed(args.launcher)
     from lmtune.engine.runner import Runner
 
+    finished = False
     try:
         runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
                                     resume=args.resume if args.resume is not None else None,
                                     strategy=args.strategy, deepspeed=args.deepspeed)
         runner.train()
+        finished = True
     finally:
-        launch.destroy_distributed()
+        launch.destroy_distributed(finished)
     return 0
 
 
@@ -34,9 +36,9 @@ def _load(args: argparse.Namespace, fetch_model: bool = True):
     """The config of ``args``; ``fetch_model`` runs its ``model_resource`` download (training leaves that to
     the Runner, where rank 0 downloads and the other ranks wait)."""
     import lmtune.model.ports  # noqa: F401  (hub-code families build through their ports)
-    from lmtune.config import Config, parse_overrides
+    from lmtune.config import parse_overrides
 
-    cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    cfg = load_config(args.config, parse_overrides(args.cfg_options))
     if fetch_model:
         from lmtune.config.model_resource import apply_model_resource
 

@@ -123,8 +123,7 @@ def train_library_config(name: str, hub: Path, tmp_path: Path, **overrides):
     import torch
     from conftest import OASST1_ROWS, alpaca_rows, write_jsonl
 
-    from lmtune.config import Config
-    from lmtune.configs import resolve_config
+    from lmtune.configs import load_config
     from lmtune.engine.runner import Runner
 
     data = tmp_path / "data"
@@ -143,7 +142,7 @@ def train_library_config(name: str, hub: Path, tmp_path: Path, **overrides):
         options["data_files"] = str(data / "chats.jsonl")
     if "qlora" in name:
         options["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
-    cfg = Config.fromfile(resolve_config(name), {**options, **overrides})
+    cfg = load_config(name, {**options, **overrides})
     assert cfg.pack_to_max_length is True and "trust_remote_code" not in cfg.model.llm
     runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
     assert "num_tokens" in runner.train_dataloader.dataset.column_names  # packed

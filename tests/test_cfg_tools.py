@@ -16,6 +16,7 @@ import pytest
 import lmtune
 from lmtune.config import Config, ConfigError, build
 from lmtune.config.model_resource import apply_model_resource
+from lmtune.configs import library
 from lmtune.tools import cfg_tools
 
 REF_NAME = "internlm2_chat_7b_qlora_oasst1_e3"
@@ -40,6 +41,7 @@ def test_list_cfg_shows_configs_by_family_and_the_deepspeed_presets(capsys):
     assert REF_NAME in lines and "demo" in lines
     assert "internlm/" in lines  # grouped by the family directory
     assert lines.index("internlm/") < lines.index(REF_NAME)
+    assert lines.index("qwen/qwen2_5_7b_instruct/") < lines.index("qwen2_5_7b_instruct_lora_alpaca_e3")  # rendered
     for preset in PRESETS:
         assert preset in lines
     assert not any(line.endswith((".py", ".json")) for line in lines)
@@ -72,6 +74,13 @@ def test_copy_cfg_copies_into_a_new_dir_and_prints_where(tmp_path, capsys):
     # the copy is a working config
     cfg = Config.fromfile(target)
     assert cfg.max_length == 2048 and cfg.model.lora.r == 64
+
+    # a library config that exists only as the renderer's output: the copy is its rendered text, as a file
+    name = "qwen2_5_7b_instruct_lora_alpaca_e3"
+    assert not (Path(lmtune.__file__).parent / "configs" / library.relative_path(name)).exists()
+    assert _cli("copy-cfg", name, str(dest)) == 0
+    assert (dest / f"{name}.py").read_text() == library.render_named(name)
+    assert Config.fromfile(dest / f"{name}.py").pretrained_model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
 
     assert _cli("copy-cfg", "deepspeed_zero2", str(dest)) == 0  # presets too
     assert json.loads((dest / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2

@@ -195,6 +195,24 @@ def test_optimizer_steps_exact_for_the_whole_dataset_and_estimated_from_a_sample
     assert sampled.optimizer_steps == 3 * math.ceil(sampled.iters_per_epoch / 2)
 
 
+def test_the_check_plans_the_steps_of_the_training_loop(tmp_path, tiny_model_dir, data_dir):
+    """The check counts optimizer steps with the loop's own grouping: groups of accumulative_counts counted
+    from each epoch's start, the last one of an epoch shorter, a max_iters stop inside an epoch."""
+    from lmtune.engine.runner import Runner
+
+    for n, train_overrides in enumerate([{"max_epochs": 2}, {"train_cfg.max_epochs": None, "train_cfg.max_iters": 17}]):
+        cfg = _cfg(tiny_model_dir, data_dir, accumulative_counts=5, batch_size=2, pack_to_max_length=False,
+                   custom_hooks=[], save_steps=1000, **train_overrides)
+        report, _ = _check(cfg, rows=1000)
+        runner = Runner.from_config(cfg, work_dir=str(tmp_path / str(n)))
+        assert runner.train_loop.iters_per_epoch == report.iters_per_epoch
+        assert report.iters_per_epoch % 5 != 0  # so that an epoch ends with a short step
+        steps = []
+        runner.optim_wrapper.optimizer.register_step_post_hook(lambda *_, seen=steps: seen.append(1))
+        runner.train()
+        assert len(steps) == report.optimizer_steps
+
+
 # ------------------------------------------------------------------ problems
 
 def test_max_length_above_the_model_positions_is_a_problem(capsys, tiny_model_dir, data_dir):

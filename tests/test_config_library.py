@@ -1,6 +1,7 @@
-"""The built-in config library (lmtune/configs/<family>/<model>/, written by tools/make_configs.py).
+"""The built-in config library (lmtune/configs/library.py: a model table and a renderer).
 
-* The committed files are what the generator writes now, and it writes the same bytes every time.
+* The committed files (one model's variants) are what the renderer writes now, and it writes the same
+  bytes every time; tools/make_configs.py keeps them so and removes only its own stale files.
 * Every built-in config loads, resolves by name, and holds the settings its model, method
   (QLoRA / LoRA / full) and dataset (alpaca / oasst1 / custom OpenAI jsonl) call for.
 * Every model's config turns a conversation into the tokens of its prompt template (with a tiny
@@ -28,6 +29,7 @@ import lmtune
 from lmtune import cli
 from lmtune.config import Config
 from lmtune.config.build import build
+from lmtune.configs import library, load_config
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.encode import ConversationEncoder
 from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE
@@ -44,11 +46,12 @@ def _load_generator():
     return module
 
 
-GEN = _load_generator()
-MODELS = {m.name: m for m in GEN.MODELS}
+GEN = _load_generator()  # writes the committed files
+LIB = library
+MODELS = {m.name: m for m in LIB.MODELS}
 # config name -> (model, method, dataset), for every name the library holds (hand-written ones included)
-LIBRARY = {GEN.config_name(m, method, data): (m, method, data)
-           for m in GEN.MODELS for method in GEN.METHODS for data in GEN.DATASETS}
+LIBRARY = {LIB.config_name(m, method, data): (m, method, data)
+           for m in LIB.MODELS for method in LIB.METHODS for data in LIB.DATASETS}
 BUILTIN = cli.builtin_configs()
 
 
@@ -56,26 +59,34 @@ BUILTIN = cli.builtin_configs()
 
 def test_committed_library_is_what_the_generator_writes(tmp_path):
     assert GEN.check(CONFIG_ROOT) == [], "run: python tools/make_configs.py"
-    # the script itself, twice into fresh directories: same files, same bytes
-    for out in (tmp_path / "a", tmp_path / "b"):
-        done = subprocess.run([sys.executable, str(REPO / "tools" / "make_configs.py"), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-    files = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.py"))
-    assert files == sorted(GEN.library()) and len(files) == len(LIBRARY) - len(GEN.HAND_WRITTEN)
+    committed = LIB.library(on_disk_only=True)
+    assert committed and all(f"/{LIB.ON_DISK_MODEL}/" in rel for rel in committed)
+    # the script itself, everything into a fresh directory: the same bytes as this process renders (another
+    # process, another hash seed), the committed files too
+    out = tmp_path / "all"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_configs.py"), "--all", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.py"))
+    rendered = LIB.library()
+    assert files == sorted(rendered) and len(files) == len(LIBRARY) - len(LIB.HAND_WRITTEN)
     for rel in files:
-        text = (tmp_path / "a" / rel).read_bytes()
-        assert text == (tmp_path / "b" / rel).read_bytes() == (CONFIG_ROOT / rel).read_bytes(), rel
+        text = (out / rel).read_bytes()
+        assert text == rendered[rel].encode(), rel
+        if rel in committed:
+            assert text == (CONFIG_ROOT / rel).read_bytes(), rel
+    # the package holds no other generated file: the rest renders on demand
+    assert GEN.generated_files(CONFIG_ROOT) == set(committed)
 
 
 def test_generator_removes_only_its_own_stale_files(tmp_path):
     GEN.write(tmp_path)
     mine = tmp_path / "llama" / "old_model" / "old_model_lora_alpaca_e3.py"
-    mine.parent.mkdir()
-    mine.write_text(f"{GEN.GENERATED_MARK}\nlr = 1\n")
+    mine.parent.mkdir(parents=True)
+    mine.write_text(f"{LIB.GENERATED_MARK}\nlr = 1\n")
     theirs = tmp_path / "llama" / "my_own_cfg.py"
     theirs.write_text("lr = 1\n")
-    edited = tmp_path / next(iter(GEN.library()))
+    edited = tmp_path / next(iter(LIB.library(on_disk_only=True)))
     edited.write_text(edited.read_text() + "\n# my note\n")
     assert sorted(GEN.check(tmp_path)) == sorted([f"stale: llama/old_model/{mine.name}",
                                                   f"out of date: {edited.relative_to(tmp_path).as_posix()}"])
@@ -89,12 +100,12 @@ def test_every_library_name_resolves_once():
     assert len(stems) == len(set(stems)), "two built-in configs share a name"
     for name, (model, _, _) in LIBRARY.items():
         path = cli.resolve_config(name)
-        if name in GEN.HAND_WRITTEN:
-            assert path == REPO / GEN.HAND_WRITTEN[name]
+        if name in LIB.HAND_WRITTEN:
+            assert path == CONFIG_ROOT / LIB.HAND_WRITTEN[name]
         else:
             assert path == CONFIG_ROOT / model.family / model.name / f"{name}.py"
     # every template the table names exists, and the tests know how its models' tokenizers treat it
-    for model in GEN.MODELS:
+    for model in LIB.MODELS:
         assert model.template in PROMPT_TEMPLATE and model.template in TOKENIZER_STYLES, model.name
 
 
@@ -110,13 +121,13 @@ def check_settings(cfg: Config, model, method: str, dataset: str) -> None:
     assert cfg.prompt_template == PROMPT_TEMPLATE[model.template]
     assert cfg.max_length == model.max_length == 2048
     assert cfg.pack_to_max_length is True  # hub-code families too: their ports keep packed samples apart
-    assert cfg.use_varlen_attn is False and cfg.batch_size == 1 and cfg.max_epochs == GEN.EPOCHS
+    assert cfg.use_varlen_attn is False and cfg.batch_size == 1 and cfg.max_epochs == LIB.EPOCHS
     assert cfg.lr == (2e-5 if method == "full" else 2e-4)
     assert cfg.accumulative_counts == (2 if method == "full" else 16)
     llm, lora = cfg.model.llm, cfg.model.get("lora")
     assert llm.torch_dtype == _dtype(model) and cfg.optim_wrapper.dtype == model.dtype
     # the library runs no repository's code; XTuner's reference config keeps its trust_remote_code=True
-    remote = {"trust_remote_code": True} if GEN.config_name(model, method, dataset) in GEN.HAND_WRITTEN else {}
+    remote = {"trust_remote_code": True} if LIB.config_name(model, method, dataset) in LIB.HAND_WRITTEN else {}
     assert {k: v for k, v in cfg.tokenizer.items() if k == "trust_remote_code"} == remote
     assert {k: v for k, v in llm.items() if k == "trust_remote_code"} == remote
     quant = llm.get("quantization_config")
@@ -149,7 +160,7 @@ def check_settings(cfg: Config, model, method: str, dataset: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_every_builtin_config_loads(name):
-    cfg = Config.fromfile(BUILTIN[name])
+    cfg = load_config(name)
     assert cfg.model and cfg.train_dataloader and cfg.optim_wrapper
     if name in LIBRARY:
         check_settings(cfg, *LIBRARY[name])
@@ -208,8 +219,8 @@ def assert_template_tokens(tokenizer, template: dict, style: dict, input_ids: li
 def test_every_model_config_renders_its_template(model_name, tokenizer_dirs):
     """The custom-data config's own map function, template and tokenizer settings, on one conversation."""
     model = MODELS[model_name]
-    name = GEN.config_name(model, "lora", "custom")
-    cfg = Config.fromfile(BUILTIN[name], {"pretrained_model_name_or_path": tokenizer_dirs(model.template)})
+    name = LIB.config_name(model, "lora", "custom")
+    cfg = load_config(name, {"pretrained_model_name_or_path": tokenizer_dirs(model.template)})
     data = cfg.train_dataset
     tokenizer = build(cfg.tokenizer)
     rows = build(data.template_map_fn)(data.dataset_map_fn({"messages": CHAT}))
@@ -249,13 +260,13 @@ def _runs() -> list[str]:
     one architecture differ only in settings, which test_every_builtin_config_loads checks for every
     config, and in the template, which test_every_model_config_renders_its_template checks for every model.
     """
-    native = [m for m in GEN.MODELS if not m.hub_code]
+    native = [m for m in LIB.MODELS if not m.hub_code]
     runs = []
     archs = [a for a in NATIVE_ARCHS if any(m.arch == a for m in native)]
     for i, arch in enumerate(archs):
         models = [m for m in native if m.arch == arch]
-        for j, method in enumerate(GEN.METHODS):
-            runs.append(GEN.config_name(models[j % len(models)], method, GEN.DATASETS[(i + j) % 3]))
+        for j, method in enumerate(LIB.METHODS):
+            runs.append(LIB.config_name(models[j % len(models)], method, LIB.DATASETS[(i + j) % 3]))
     trained = {LIBRARY[n][0].template for n in runs}
     untrained = []
     for model in native:
@@ -263,7 +274,7 @@ def _runs() -> list[str]:
             trained.add(model.template)
             untrained.append(model)
     for k, model in enumerate(untrained):
-        runs.append(GEN.config_name(model, "lora", GEN.DATASETS[k % 3]))
+        runs.append(LIB.config_name(model, "lora", LIB.DATASETS[k % 3]))
     return runs
 
 
@@ -272,14 +283,14 @@ RUNS = _runs()
 
 def test_runs_cover_every_architecture_method_and_dataset():
     combos = {(LIBRARY[n][0].arch, LIBRARY[n][1]) for n in RUNS}
-    native = {m.arch for m in GEN.MODELS if not m.hub_code}
+    native = {m.arch for m in LIB.MODELS if not m.hub_code}
     assert native <= set(NATIVE_ARCHS)
-    assert combos == {(a, method) for a in native for method in GEN.METHODS}
+    assert combos == {(a, method) for a in native for method in LIB.METHODS}
     for arch in native:
-        assert {LIBRARY[n][2] for n in RUNS if LIBRARY[n][0].arch == arch} == set(GEN.DATASETS)
-    assert {LIBRARY[n][0].template for n in RUNS} == {m.template for m in GEN.MODELS if not m.hub_code}
+        assert {LIBRARY[n][2] for n in RUNS if LIBRARY[n][0].arch == arch} == set(LIB.DATASETS)
+    assert {LIBRARY[n][0].template for n in RUNS} == {m.template for m in LIB.MODELS if not m.hub_code}
     # the remote-code models are exactly the ones left to loading and template checks
-    assert {m.arch for m in GEN.MODELS if m.hub_code}.isdisjoint(NATIVE_ARCHS)
+    assert {m.arch for m in LIB.MODELS if m.hub_code}.isdisjoint(NATIVE_ARCHS)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +390,7 @@ def test_config_trains_on_a_tiny_model_of_its_architecture(name, tmp_path, tiny_
     overrides.update({"model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32"})
     if method == "qlora":
         overrides["model.llm.quantization_config.bnb_4bit_compute_dtype"] = torch.float32
-    cfg = Config.fromfile(BUILTIN[name], overrides)
+    cfg = load_config(name, overrides)
     train_and_check(cfg, tmp_path / "work", model.arch, method, model.template)
 
 
@@ -388,7 +399,7 @@ def test_half_precision_config_trains_as_written(tmp_path, tiny_models, data_dir
     bfloat16 compute, bfloat16 autocast. (Gemma 2 runs eager attention, exact for packed samples in bf16.)"""
     model, method, dataset = LIBRARY["gemma2_2b_it_qlora_alpaca_e3"]
     assert model.dtype == "bfloat16" and method == "qlora"
-    cfg = Config.fromfile(BUILTIN["gemma2_2b_it_qlora_alpaca_e3"],
+    cfg = load_config("gemma2_2b_it_qlora_alpaca_e3",
                           tiny_run_overrides(tiny_models(model.arch, model.template), data_dirs[dataset]))
     runner = train_and_check(cfg, tmp_path / "work", model.arch, method, model.template)
     assert runner.optim_wrapper.dtype == torch.bfloat16

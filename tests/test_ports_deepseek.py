@@ -26,6 +26,7 @@ from hub_models_deepseek import BOS, EOS, deepseek_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.config.build import build
+from lmtune.configs import config_text
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
 from lmtune.dataset.encode import ConversationEncoder
@@ -269,15 +270,14 @@ def test_native_config_keeps_the_hub_defaults_and_refuses_what_it_cannot_run():
 
 # ------------------------------------------------------------------ an XTuner-style config, packed
 
-LIBRARY_QLORA = Path(__file__).resolve().parents[1] / "lmtune" / "configs" / "deepseek" / "deepseek_v2_lite_chat" / \
-    "deepseek_v2_lite_chat_qlora_oasst1_e3.py"
+LIBRARY_QLORA = "deepseek_v2_lite_chat_qlora_oasst1_e3"  # rendered by the library
 
 
 def _xtuner_style_config(path: Path) -> Path:
     """XTuner's deepseek_moe_16b_chat_qlora_oasst1_e3 in lmtune's terms: the library's DeepSeek QLoRA oasst1
     config with XTuner's model, template, trust_remote_code and LoRA (r=16, alpha 16, dropout 0.05, every linear
     layer)."""
-    text = LIBRARY_QLORA.read_text(encoding="utf-8")
+    text = config_text(LIBRARY_QLORA)
     text = text.replace('"deepseek-ai/DeepSeek-V2-Lite-Chat"', '"deepseek-ai/deepseek-moe-16b-chat"')
     text = text.replace("PROMPT_TEMPLATE.deepseek_v2", "PROMPT_TEMPLATE.deepseek_moe")
     text = text.replace("pretrained_model_name_or_path=pretrained_model_name_or_path,",

@@ -55,6 +55,7 @@ def test_cli_resume_without_a_fixed_seed_reproduces_the_run(tmp_path, tiny_model
     ("default_hooks.checkpoint.intervall=5", "did you mean 'interval'"),
     ("default_hooks.logger.intervl=3", "did you mean 'interval'"),
     ("max_norm='abc'", "max_norm must be a positive number"),
+    ("accumulative_counts=0", "accumulative_counts must be a positive integer"),
     ("evaluation_freq='abc'", "EvaluateChatHook|every_n_iters"),
     ("train_cfg.max_epochs=-1", "max_epochs must be a positive integer"),
     ("pretrained_model_name_or_path=/no/such/model", "model path '/no/such/model' does not exist"),

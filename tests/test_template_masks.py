@@ -206,7 +206,7 @@ def test_generation_prompts_equal_chat_template_prompts(qwen, llama3, mistral_v1
     for tokenizer, name in [(qwen, "qwen2_5_chat"), (llama3, "llama3_chat"), (mistral_v1, "mistral"),
                             (mistral_v3, "mistral_v3")]:
         hook = EvaluateChatHook(tokenizer=tokenizer, evaluation_inputs=["Hi"], system=SYSTEM, prompt_template=name)
-        assert hook._prompt_ids(tokenizer, "Hi") == chat_ids(tokenizer, first, add_generation_prompt=True), name
+        assert hook.session(None).prompt_ids("Hi") == chat_ids(tokenizer, first, add_generation_prompt=True), name
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,13 +313,14 @@ def test_evaluate_chat_hook_uses_the_chat_template(qwen, tiny_tokenizer):
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
     for template in (None, "auto"):
         hook = EvaluateChatHook(tokenizer=qwen, evaluation_inputs=["Hi"], system=SYSTEM, prompt_template=template)
-        assert hook._prompt("Hi") == qwen.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
-        assert hook._prompt_ids(qwen, "Hi") == chat_ids(qwen, first, add_generation_prompt=True)
+        session = hook.session(None)
+        assert session.prompt_text("Hi") == qwen.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+        assert session.prompt_ids("Hi") == chat_ids(qwen, first, add_generation_prompt=True)
     # A tokenizer without a chat template gets the bare text.
     bare = copy.copy(tiny_tokenizer)
     bare.chat_template = None
     hook = EvaluateChatHook(tokenizer=bare, evaluation_inputs=["Hi"], prompt_template=None)
-    assert hook._prompt("Hi") == "Hi"
+    assert hook.session(None).prompt_text("Hi") == "Hi"
 
 
 # --------------------------------------------------------------------------------------------

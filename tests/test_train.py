@@ -143,7 +143,7 @@ def test_every_part1_setting_reaches_its_component(tmp_path, tiny_model_dir, oas
     assert (ck.interval, ck.max_keep_ckpts) == (7, 5)
     chat = next(h for h in runner.hooks if isinstance(h, EvaluateChatHook))
     assert chat.every_n_iters_ == 9 and chat.system == "Be brief." and chat.inputs == ["one", "two"]
-    assert chat._prompt("one").startswith("<|im_start|>system\nBe brief.")
+    assert chat.session(None).prompt_text("one").startswith("<|im_start|>system\nBe brief.")
     batch = next(iter(loader))
     assert "cumulative_len" in batch  # use_varlen_attn reaches the collate function
     assert runner.unwrapped_model.use_varlen_attn

@@ -109,14 +109,21 @@ def _imported_names(tree: ast.Module) -> set[str]:
 
 
 class Config(ConfigDict):
-    """A loaded config: its keys, plus the file it came from (``cfg.filename``)."""
+    """A loaded config: its keys, plus the file it came from (``cfg.filename``) and that file's text
+    (``cfg.source``)."""
 
     @classmethod
     def fromfile(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        source = path.read_text(encoding="utf-8")
+        return cls.fromtext(path.read_text(encoding="utf-8"), path, overrides)
+
+    @classmethod
+    def fromtext(cls, source: str, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+        """A config from its text, run as if it were the file ``path`` (which need not exist: a config of
+        the library, rendered on demand). ``cfg.source`` keeps the text."""
+        path = Path(path)
         overrides = dict(overrides or {})
         top = {k: v for k, v in overrides.items() if "." not in k}
         nested = {k: v for k, v in overrides.items() if "." in k}
@@ -126,6 +133,7 @@ class Config(ConfigDict):
         for key, value in namespace.items():
             dict.__setitem__(cfg, key, _convert_shared(value, memo))
         dict.__setattr__(cfg, "filename", str(path.resolve()))
+        dict.__setattr__(cfg, "source", source)
         for key, value in nested.items():
             cfg.set_nested(key, value)
         return cfg

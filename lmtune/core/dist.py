@@ -33,3 +33,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is managed as shards over ranks: an FSDP2 DTensor or a DeepSpeed ZeRO-3 parameter.
+
+    Its full value is then only there inside its module's own call (the engine gathers it around the
+    call), so code that reads a weight directly must call the module instead. The one place that knows
+    the engines' marks; the strategies and the model both ask here.
+    """
+    if hasattr(tensor, "ds_id") or hasattr(tensor, "ds_tensor"):
+        return True
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")

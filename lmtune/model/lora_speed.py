@@ -26,6 +26,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 
+from lmtune.core.dist import is_sharded
+
 
 def _match_autocast(module: nn.Module, args: tuple) -> None:
     x = args[0] if args else None
@@ -45,7 +47,7 @@ class FusedLoraLinear(PeftLinear):
             return super().forward(x, *args, **kwargs)
         name = active[0]
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        if hasattr(lora_b.weight, "ds_id"):  # ZeRO-3 gathers B's weight only when B itself is called
+        if is_sharded(lora_b.weight):  # ZeRO-3 gathers B's weight only when B itself is called
             return super().forward(x)
         result = self.base_layer(x)
         out_dtype = result.dtype

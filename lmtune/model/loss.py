@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.dist import is_sharded
 
 DEFAULT_LOSS_CHUNK_SIZE = "auto"
 # "auto" on accelerators: as many positions per chunk as keep one chunk's fp32 logits at 2**25 values
@@ -144,9 +145,7 @@ def liger_available() -> bool:
 
 def _is_plain_tensor(param: torch.Tensor) -> bool:
     """False for DeepSpeed ZeRO-3 partitions and DTensors: weights only usable inside their module's call."""
-    if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
-        return False
-    return not (hasattr(param, "to_local") and hasattr(param, "placements"))
+    return not is_sharded(param)
 
 
 def choose_impl(head: nn.Module, device: torch.device | str, transform: LogitTransform = IDENTITY,

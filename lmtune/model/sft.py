@@ -12,6 +12,7 @@ from torch import nn
 from lmtune.config.build import build, is_type_dict
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.device import as_dtype, default_device, warn_once
+from lmtune.core.dist import is_sharded
 from lmtune.core.errors import ConfigError
 from lmtune.model.compile import compile_decoder_layers, compile_options, decoder_layers
 from lmtune.model.loss import (
@@ -288,7 +289,7 @@ class SupervisedFinetune(nn.Module):
         if not isinstance(head, nn.Module):
             return self._give_up_chunking("the model has no output head module")
         weight = getattr(head, "weight", None)
-        if hasattr(weight, "device_mesh") or hasattr(weight, "ds_id"):
+        if is_sharded(weight):
             # FSDP2 / ZeRO-3 gather the head's weight only inside the model's own forward
             return self._give_up_chunking("its output head is sharded (FSDP2 or ZeRO-3)")
         batch, seq = input_ids.shape

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,7 +23,7 @@ def _matches(name: str, pattern: str | None) -> bool:
 
 def _configs() -> tuple[dict[str, Path], dict[str, Path]]:
     from lmtune.configs import builtin_configs
-    from lmtune.engine.deepspeed_config import builtin_deepspeed_configs
+    from lmtune.engine.strategies.deepspeed_config import builtin_deepspeed_configs
 
     return builtin_configs(), builtin_deepspeed_configs()
 
@@ -59,13 +58,18 @@ def list_configs(out: TextIO, pattern: str | None = None) -> int:
 
 
 def copy_config(name: str, dest_dir: str | Path) -> Path:
-    """Copy the built-in config (or DeepSpeed preset) ``name`` into ``dest_dir``; the new file's path."""
+    """Write the built-in config (or DeepSpeed preset) ``name`` into ``dest_dir``; the new file's path.
+
+    A library config is rendered; the copy is a complete config that imports nothing of the library."""
+    from lmtune.configs import config_text
+
     configs, presets = _configs()
     stem = name.removesuffix(".py").removesuffix(".json")
     source = configs.get(stem) or presets.get(stem)
     if source is None:
         raise ConfigError(f"{name!r} is not a built-in config or DeepSpeed preset{nearest(stem, [*configs, *presets])}"
                           " (lmtune list-cfg lists them)")
+    data = config_text(stem).encode("utf-8") if stem in configs else source.read_bytes()
     dest_dir = Path(dest_dir).expanduser()
     if dest_dir.exists() and not dest_dir.is_dir():
         raise ConfigError(f"{dest_dir} exists and is not a directory")
@@ -75,10 +79,9 @@ def copy_config(name: str, dest_dir: str | Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     try:
         with open(target, "xb") as fh:  # exclusive: never replaces a file that appeared meanwhile
-            fh.write(source.read_bytes())
+            fh.write(data)
     except FileExistsError:
         raise ConfigError(f"{target} already exists; not overwriting it") from None
-    shutil.copymode(source, target)
     return target
 
 

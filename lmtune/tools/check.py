@@ -54,6 +54,8 @@ from typing import Any, TextIO
 from lmtune.config.build import build, is_type_dict, resolve_callable
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
+from lmtune.engine.optim.optimizer_wrapper import StepSettings
+from lmtune.engine.runner.loops import optimizer_steps, run_length
 
 DEFAULT_ROWS = 200
 GIB = 1024**3
@@ -158,19 +160,16 @@ def human_bytes(n: float) -> str:
 
 def resolve_engine(cfg: Any, nproc: int = 1, deepspeed: str | None = None, strategy: str | None = None) -> Engine:
     """The engine a run would use: ``--deepspeed`` / ``--strategy`` first, then the config's ``strategy``."""
-    from lmtune.engine.deepspeed_config import load_deepspeed_json
+    from lmtune.engine.strategies import choose_strategy
+    from lmtune.engine.strategies.deepspeed_config import load_deepspeed_json, zero_stage
 
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"--nproc must be a positive number of devices, got {nproc!r}")
-    from lmtune.engine.strategies import choose_strategy
-
     chosen, options = choose_strategy(cfg, strategy, deepspeed)
     if chosen == "deepspeed":
-        if "config" not in options:
-            raise ConfigError("strategy deepspeed needs config=NAME or a JSON path (or use --deepspeed NAME)")
         data, source = load_deepspeed_json(options["config"])
         zero = dict(data.get("zero_optimization") or {})
-        stage = int(zero.get("stage", 0) or 0)
+        stage = zero_stage(data, source)
 
         def offloaded(key: str) -> bool:
             return dict(zero.get(key) or {}).get("device", "none") not in ("none", None)
@@ -181,8 +180,6 @@ def resolve_engine(cfg: Any, nproc: int = 1, deepspeed: str | None = None, strat
                       offload_params=offloaded("offload_param") and stage == 3)
     if chosen == "fsdp2":
         return Engine("FSDP2 (fully sharded)", nproc, zero_stage=3 if nproc > 1 else 0)
-    if chosen not in (None, "ddp"):
-        raise ConfigError(f"unknown strategy {chosen!r}; choose ddp, fsdp2 or deepspeed")
     return Engine("DDP" if nproc > 1 else "one device", nproc)
 
 
@@ -363,12 +360,6 @@ def _optimizer_states(cfg: Any) -> tuple[int, float, str]:
     if "adafactor" in lower:
         return 1, state_bytes, name  # factored second moments: far less than one state; counted as one
     return 2, state_bytes, name
-
-
-def _mixed_precision(cfg: Any) -> bool:
-    kind = dict(cfg.get("optim_wrapper") or {}).get("type")
-    name = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
-    return "Amp" in str(name)
 
 
 def estimate_memory(facts: ModelFacts, engine: Engine, batch_size: int, seq_len: int, *, mixed_precision: bool,
@@ -647,8 +638,8 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
     ds_cfgs = dataset_configs(cfg)
     loader = dict(cfg.get("train_dataloader") or {})
     batch = int(loader.get("batch_size", 1) or 1)
-    optim_wrapper = dict(cfg.get("optim_wrapper") or {})
-    accum = int(optim_wrapper.get("accumulative_counts", 1) or 1)
+    step = StepSettings.from_config(cfg.get("optim_wrapper"))
+    accum = step.accumulative_counts
     max_length = next((int(d["max_length"]) for d in ds_cfgs if d.get("max_length")), None)
 
     # -- tokenizer
@@ -721,7 +712,7 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
     checkpointing = bool(model_cfg.get("use_activation_checkpointing", True))
     if facts is not None and max_length:
         states, state_bytes, opt_name = _optimizer_states(cfg)
-        mixed = _mixed_precision(cfg)
+        mixed = step.mixed_precision
         mem = report.memory = estimate_memory(
             facts, engine, batch, max_length, mixed_precision=mixed, weight_bytes=_weight_bytes(cfg, facts),
             optimizer_states=states, state_bytes=state_bytes, checkpointing=checkpointing)
@@ -767,17 +758,12 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         if iters == 0:
             report.problems.append("the dataset gives no training rows")
         else:
-            steps_per_epoch = math.ceil(iters / accum)
-            if train_cfg.get("max_iters"):
-                total_iters = int(train_cfg["max_iters"])
-                epochs_text = f"max_iters={total_iters}"
-                full, rest = divmod(total_iters, iters)
-                steps = full * steps_per_epoch + math.ceil(rest / accum)
-            else:
-                epochs = int(train_cfg.get("max_epochs", 1) or 1)
-                total_iters = epochs * iters
-                epochs_text = f"{epochs} epoch(s)"
-                steps = epochs * steps_per_epoch
+            steps_per_epoch = optimizer_steps(iters, iters, accum)
+            max_iters = train_cfg.get("max_iters")
+            max_epochs = None if max_iters is not None else train_cfg.get("max_epochs", 1)
+            epochs, total_iters = run_length(iters, max_epochs, max_iters)
+            epochs_text = f"max_iters={total_iters}" if max_iters is not None else f"{epochs} epoch(s)"
+            steps = optimizer_steps(total_iters, iters, accum)
             report.optimizer_steps = steps
             approx = "" if exact else "~"
             w.line(f"training rows: {approx}{rows_total:,}" + ("" if exact else " (estimated from the sampled rows)"))
@@ -811,10 +797,10 @@ def run_check(cfg: Any, out: TextIO, nproc: int = 1, deepspeed: str | None = Non
 # ------------------------------------------------------------------ command line
 
 def _check_cmd(args: argparse.Namespace) -> int:
-    from lmtune.config import Config, parse_overrides
-    from lmtune.configs import resolve_config
+    from lmtune.config import parse_overrides
+    from lmtune.configs import load_config
 
-    cfg = Config.fromfile(resolve_config(args.config), parse_overrides(args.cfg_options))
+    cfg = load_config(args.config, parse_overrides(args.cfg_options))
     problems = run_check(cfg, sys.stdout, nproc=args.nproc, deepspeed=args.deepspeed, strategy=args.strategy,
                          rows=args.rows, gpu_memory_gib=args.gpu_memory)
     return 1 if problems else 0

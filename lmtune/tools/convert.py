@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from lmtune.engine.checkpoint.export import merge, pth_to_hf
@@ -13,12 +12,7 @@ from lmtune.engine.checkpoint.export import merge, pth_to_hf
 def _pth_to_hf_cmd(args: argparse.Namespace) -> int:
     from lmtune.config import parse_overrides
 
-    config = args.config
-    if config is not None and not Path(config).is_file():
-        from lmtune.configs import resolve_config
-
-        config = resolve_config(config)
-    pth_to_hf(config, args.checkpoint, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size,
+    pth_to_hf(args.config, args.checkpoint, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size,
               safe_serialization=args.safe_serialization, cfg_options=parse_overrides(args.cfg_options))
     print(f"saved to {args.save_dir}")
     return 0

@@ -106,7 +106,7 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     """Export checkpoint ``checkpoint`` (an ``iter_N`` dir) of the run configured by ``config`` to ``save_dir``."""
     from safetensors.torch import load_file
 
-    from lmtune.config import Config
+    from lmtune.configs import load_config
     from lmtune.model.sft import SupervisedFinetune
 
     ckpt_dir = _check_checkpoint(checkpoint)
@@ -114,7 +114,7 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
         config = ckpt_dir / "config.py"
         if not config.is_file():
             raise ConfigError(f"checkpoint {ckpt_dir} holds no config.py; pass the training config explicitly")
-    cfg = Config.fromfile(config, cfg_options)
+    cfg = load_config(config, cfg_options)  # a file, or the name of a built-in config
     if "model" not in cfg or not isinstance(cfg.model, dict):
         raise ConfigError(f"config {config} has no model=dict(...) to rebuild the trained model from")
     model_cfg = dict(cfg.model)

@@ -7,20 +7,12 @@ import json
 import time
 from typing import Any
 
-import torch
-
 from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.dist import is_main_process
-from lmtune.dataset.chat_template import (
-    chat_prompt_text,
-    chat_template_end_ids,
-    has_chat_template,
-    uses_chat_template,
-)
-from lmtune.dataset.encode import encode_prompt
-from lmtune.dataset.map_fns.template_map_fn import template_map_fn
+from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
 from lmtune.dataset.templates import get_template
+from lmtune.engine.chat import ChatSession
 from lmtune.engine.hooks.hook import Hook
 
 
@@ -84,27 +76,6 @@ class DatasetInfoHook(Hook):
         return "".join(parts)
 
 
-class _TokenCounter:
-    """A ``generate`` streamer that reports how many tokens have been generated (the prompt excluded)."""
-
-    def __init__(self, prompt_len: int, report) -> None:
-        self.prompt_len = prompt_len
-        self.report = report
-        self.seen_prompt = False
-        self.tokens = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # generate() first sends the prompt
-            self.seen_prompt = True
-            if value.numel() == self.prompt_len:
-                return
-        self.tokens += value.numel()
-        self.report(self.tokens)
-
-    def end(self) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _nowhere():
     yield None
@@ -115,7 +86,9 @@ class EvaluateChatHook(Hook):
 
     Runs before training, every ``every_n_iters`` iterations and after training;
     greedy decoding up to ``max_new_tokens`` or a stop word. Answers are logged
-    and appended to ``<log_dir>/eval_chat.jsonl``.
+    and appended to ``<log_dir>/eval_chat.jsonl``. Each input is answered on its own
+    by the chat session of ``lmtune chat`` (``lmtune.model.chat``), so a prompt here is
+    the prompt there.
 
     ``prompt_template`` None or ``'auto'`` (as in training) uses the tokenizer's own
     chat template (``apply_chat_template(add_generation_prompt=True)``) and stops on
@@ -132,85 +105,39 @@ class EvaluateChatHook(Hook):
         self.tokenizer = tokenizer
         self.inputs = [evaluation_inputs] if isinstance(evaluation_inputs, str) else list(evaluation_inputs)
         self.system = system or ""
-        self.use_chat_template = uses_chat_template(prompt_template)
-        self.template = None if self.use_chat_template else get_template(prompt_template)
+        self.template = None if uses_chat_template(prompt_template) else get_template(prompt_template)
         if every_n_iters is not None and (isinstance(every_n_iters, bool) or not isinstance(every_n_iters, int)):
             raise ValueError(f"every_n_iters (evaluation_freq) must be an integer, got {every_n_iters!r}")
         self.every_n_iters_ = every_n_iters
         self.max_new_tokens = max_new_tokens
-        stops = list(stop_words or [])
-        if stop_word:
-            stops.append(stop_word)
-        if self.template is not None:
-            stops += [w for w in self.template.get("STOP_WORDS", []) if w not in stops]
-        self.stop_words = stops
+        self.stop_words = list(stop_words or []) + ([stop_word] if stop_word else [])
         self.generation_kwargs = dict(generation_kwargs or {})
 
-    def _prompt(self, text: str) -> str:
-        """The prompt text for one evaluation input."""
-        if self.template is None:
-            tokenizer = self.tokenizer = build(self.tokenizer, key="EvaluateChatHook.tokenizer")
-            if has_chat_template(tokenizer):
-                return chat_prompt_text(tokenizer, text, self.system)
-            return text
-        turn = {"system": self.system, "input": text, "output": ""}
-        return template_map_fn({"conversation": [turn]}, self.template)["conversation"][0]["input"]
+    def session(self, model: Any) -> ChatSession:
+        """The chat session that answers the inputs with ``model``."""
+        tokenizer = self.tokenizer = build(self.tokenizer, key="EvaluateChatHook.tokenizer")
+        template = self.template
+        if template is None and has_chat_template(tokenizer):
+            template = "auto"
+        return ChatSession(model, tokenizer, prompt_template=template, system=self.system,
+                           max_new_tokens=self.max_new_tokens, stop_words=self.stop_words,
+                           generation_kwargs=self.generation_kwargs)
 
-    def _prompt_ids(self, tokenizer, text: str) -> list[int]:
-        """Token ids of the prompt, tokenized as in training."""
-        if self.template is None and has_chat_template(tokenizer):
-            # as apply_chat_template(tokenize=True): the template writes any BOS itself
-            return tokenizer.encode(self._prompt(text), add_special_tokens=False)
-        return encode_prompt(tokenizer, self._prompt(text))
-
-    @torch.no_grad()
     def generate(self, runner) -> list[str]:
         """The answers to every evaluation input."""
         return [answer for answer, _ in self.answers(runner)]
 
-    @torch.no_grad()
     def answers(self, runner, progress: Any = None):
         """Yield ``(answer, number of generated tokens)`` for each evaluation input, as each is done.
 
         ``progress``, if given, is called with the number of tokens generated so far for the current
         input, after every new token."""
-        self.tokenizer = tokenizer = build(self.tokenizer, key="EvaluateChatHook.tokenizer")
-        model = runner.unwrapped_model.llm
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        eos = [t for t in [tokenizer.eos_token_id] if t is not None]
-        eos += [i for w in self.stop_words
-                if (i := tokenizer.convert_tokens_to_ids(w)) is not None and i != tokenizer.unk_token_id]
-        stop_words = list(self.stop_words)
-        trim_words = stop_words + [tokenizer.eos_token or ""]
-        if self.template is None and has_chat_template(tokenizer):
-            markers = chat_template_end_ids(tokenizer)  # the template's end-of-turn marker
-            eos += markers
-            trim_words += tokenizer.convert_ids_to_tokens(markers)
-        try:
-            for text in self.inputs:
-                ids = torch.tensor([self._prompt_ids(tokenizer, text)], device=device)
-                kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                              eos_token_id=sorted(set(eos)) or None,
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else (eos[0] if eos else 0))
-                if stop_words:
-                    kwargs.update(stop_strings=stop_words, tokenizer=tokenizer)
-                if getattr(runner.strategy, "shards_params", False):
-                    kwargs["synced_gpus"] = True  # every rank takes part in each forward until all are done
-                if progress is not None and int(self.generation_kwargs.get("num_beams", 1)) == 1:
-                    kwargs["streamer"] = _TokenCounter(ids.shape[1], progress)  # generate() streams no beams
-                kwargs.update(self.generation_kwargs)
-                with runner.optim_wrapper.optim_context():
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-                answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
-                for word in trim_words:
-                    if word and word in answer:
-                        answer = answer.split(word)[0]
-                yield answer, int(out.shape[1] - ids.shape[1])
-        finally:
-            model.train(was_training)
+        session = self.session(runner.unwrapped_model.llm)
+        for text in self.inputs:
+            session.reset()
+            answer = session.chat(text, progress=progress, synced_gpus=runner.strategy.shards_params,
+                                  context=runner.optim_wrapper.optim_context)
+            yield answer, session.last_new_tokens
 
     def _evaluate(self, runner, when: str) -> None:
         """Answer the inputs, logging each answer as soon as it is complete; while one takes long, a line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,49 @@ from typing import Any
 import torch
 
 from lmtune.core.device import default_device, training_dtype
+from lmtune.core.errors import ConfigError
+
+
+def check_accumulative_counts(value: Any) -> int:
+    """``accumulative_counts`` as the loop uses it: a positive integer, or one clear error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"optim_wrapper.accumulative_counts must be a positive integer (micro-batches per "
+                          f"optimizer step), got {value!r}")
+    return value
+
+
+def check_clip_grad(clip_grad: Any) -> dict | None:
+    """``clip_grad`` as the wrapper uses it: None, or a dict whose ``max_norm`` is a positive number."""
+    if not clip_grad:
+        return None
+    if not isinstance(clip_grad, dict):
+        raise ConfigError(f"optim_wrapper.clip_grad must be a dict such as dict(max_norm=1.0), got {clip_grad!r}")
+    max_norm = clip_grad.get("max_norm")
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ConfigError(f"clip_grad.max_norm must be a positive number, got {max_norm!r}")
+    return dict(clip_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What an optimizer step is, read once from the ``optim_wrapper`` config with the wrapper's own checks:
+    for the parts that need it before the wrapper exists (DeepSpeed's JSON, ``lmtune check``)."""
+
+    accumulative_counts: int = 1
+    max_norm: float | None = None
+    mixed_precision: bool = False  # an AmpOptimWrapper whose dtype is not float32
+
+    @classmethod
+    def from_config(cls, optim_cfg: Any) -> StepSettings:
+        optim = dict(optim_cfg or {})
+        clip = check_clip_grad(optim.get("clip_grad"))
+        kind = optim.get("type")
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
+        dtype = optim.get("dtype")
+        full = dtype in ("float32", "fp32", torch.float32) or str(dtype) == "torch.float32"
+        return cls(accumulative_counts=check_accumulative_counts(optim.get("accumulative_counts", 1)),
+                   max_norm=None if clip is None else float(clip["max_norm"]),
+                   mixed_precision="Amp" in str(name) and not full)
 
 
 class OptimWrapper:
@@ -30,8 +74,6 @@ class OptimWrapper:
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulative_counts: int = 1,
                  clip_grad: dict | None = None, max_nonfinite_steps: int = 5) -> None:
-        if int(accumulative_counts) < 1:
-            raise ValueError("accumulative_counts must be >= 1")
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) \
                 or max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be a positive integer, got {max_nonfinite_steps!r}")
@@ -39,12 +81,8 @@ class OptimWrapper:
         self.nonfinite_steps = 0
         self.skipped = False
         self.optimizer = optimizer
-        self.accumulative_counts = int(accumulative_counts)
-        self.clip_grad = dict(clip_grad) if clip_grad else None
-        if self.clip_grad is not None:
-            max_norm = self.clip_grad.get("max_norm")
-            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
-                raise ValueError(f"clip_grad.max_norm must be a positive number, got {max_norm!r}")
+        self.accumulative_counts = check_accumulative_counts(accumulative_counts)
+        self.clip_grad = check_clip_grad(clip_grad)
         self.device = default_device()
 
     # -- the step ---------------------------------------------------------

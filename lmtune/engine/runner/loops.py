@@ -16,6 +16,44 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
+def run_length(iters_per_epoch: int, max_epochs: int | None = None, max_iters: int | None = None) -> tuple[int, int]:
+    """``(max_epochs, max_iters)`` of a run given one of them (``train_cfg``), checked."""
+    if (max_epochs is None) == (max_iters is None):
+        raise ConfigError("train_cfg needs exactly one of max_epochs and max_iters")
+    for name, value in (("max_epochs", max_epochs), ("max_iters", max_iters)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"train_cfg.{name} must be a positive integer, got {value!r}")
+    if max_epochs is not None:
+        return max_epochs, max_epochs * iters_per_epoch
+    return math.ceil(max_iters / iters_per_epoch), max_iters
+
+
+def step_end(iter_in_epoch: int, iters_per_epoch: int, accumulative_counts: int, iters_left: int) -> int:
+    """The position in the epoch where the optimizer step starting at ``iter_in_epoch`` ends: groups of
+    ``accumulative_counts`` iterations counted from the epoch's start, cut by the epoch's end and the run's."""
+    return min((iter_in_epoch // accumulative_counts + 1) * accumulative_counts, iters_per_epoch,
+               iter_in_epoch + iters_left)
+
+
+def optimizer_steps(iters: int, iters_per_epoch: int, accumulative_counts: int) -> int:
+    """How many optimizer steps the first ``iters`` iterations of a run take (the loop's own grouping)."""
+    def steps_of_epoch(length: int) -> int:  # an epoch cut after `length` iterations
+        count = position = 0
+        while position < length:
+            position = step_end(position, iters_per_epoch, accumulative_counts, length - position)
+            count += 1
+        return count
+
+    full, rest = divmod(iters, iters_per_epoch)
+    return full * steps_of_epoch(iters_per_epoch) + steps_of_epoch(rest)
+
+
+def micro_batch_size(dataloader) -> int:
+    """Rows per iteration of ``dataloader``: its batch sampler's batch size, else its own."""
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    return int(getattr(batch_sampler, "batch_size", None) or dataloader.batch_size or 1)
+
+
 class TrainLoop:
     """Runs ``max_epochs`` epochs (or ``max_iters`` iterations) of training.
 
@@ -29,23 +67,14 @@ class TrainLoop:
     """
 
     def __init__(self, runner, dataloader, max_epochs: int | None = None, max_iters: int | None = None,
-                 val_begin: int = 1, val_interval: int = 1) -> None:
-        if (max_epochs is None) == (max_iters is None):
-            raise ConfigError("train_cfg needs exactly one of max_epochs and max_iters")
+                 val_begin: int = 1, val_interval: int = 1, accumulative_counts: int = 1) -> None:
         self.runner = runner
         self.dataloader = dataloader
         self.iters_per_epoch = len(dataloader)
         if self.iters_per_epoch == 0:
             raise ConfigError("the train dataloader is empty: the dataset has fewer rows than one batch")
-        for name, value in (("max_epochs", max_epochs), ("max_iters", max_iters)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"train_cfg.{name} must be a positive integer, got {value!r}")
-        if max_epochs is not None:
-            self.max_epochs = int(max_epochs)
-            self.max_iters = self.max_epochs * self.iters_per_epoch
-        else:
-            self.max_iters = int(max_iters)
-            self.max_epochs = math.ceil(self.max_iters / self.iters_per_epoch)
+        self.max_epochs, self.max_iters = run_length(self.iters_per_epoch, max_epochs, max_iters)
+        self.accumulative_counts = accumulative_counts  # the optimizer wrapper's, checked there
         self.epoch = 0
         self.iter = 0  # completed iterations
         self.iter_in_epoch = 0
@@ -80,21 +109,19 @@ class TrainLoop:
         # the sampler and batch size behind the dataloader's batch sampler (its own or the config's)
         batch_sampler = getattr(self.dataloader, "batch_sampler", None)
         sampler = getattr(batch_sampler, "sampler", None) or getattr(self.dataloader, "sampler", None)
-        batch_size = getattr(batch_sampler, "batch_size", None) or self.dataloader.batch_size
         if self.iter_in_epoch:
             if not hasattr(sampler, "skip"):
                 raise ConfigError("resuming mid-epoch needs a sampler with skip() (use DefaultSampler)")
-            sampler.skip(self.iter_in_epoch * batch_size)
+            sampler.skip(self.iter_in_epoch * micro_batch_size(self.dataloader))
         return iter(self.dataloader)
 
     def run_epoch(self) -> None:
         runner = self.runner
         runner.call_hook("before_train_epoch")
-        accum = runner.optim_wrapper.accumulative_counts
         batches = self._batches()
         while self.iter_in_epoch < self.iters_per_epoch and self.iter < self.max_iters:
-            group_end = min((self.iter_in_epoch // accum + 1) * accum, self.iters_per_epoch,
-                            self.iter_in_epoch + self.max_iters - self.iter)
+            group_end = step_end(self.iter_in_epoch, self.iters_per_epoch, self.accumulative_counts,
+                                 self.max_iters - self.iter)
             group = [next(batches) for _ in range(group_end - self.iter_in_epoch)]
             self.run_step(group)
         if self.iter_in_epoch < self.iters_per_epoch:

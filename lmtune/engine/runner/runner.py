@@ -31,8 +31,8 @@ from lmtune.engine.hooks import (
     ParamSchedulerHook,
 )
 from lmtune.engine.hooks.hook import priority_value
-from lmtune.engine.optim import OptimWrapper
-from lmtune.engine.runner.loops import TrainLoop
+from lmtune.engine.optim import OptimWrapper, StepSettings
+from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
 from lmtune.engine.strategies import build_strategy
 
 logger = logging.getLogger("lmtune")
@@ -186,8 +186,10 @@ class Runner:
         # hooks first: their settings are checked before any data or weights are loaded
         self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))
-        self.strategy.before_model(cfg)
-        model = self._build_model(cfg.get("model"))
+        # what an optimizer step is, checked once now (DeepSpeed's JSON is filled from it before the model loads)
+        self.strategy.configure(micro_batch_size(self.train_dataloader),
+                                StepSettings.from_config(cfg.get("optim_wrapper")))
+        model = self._build_model(self.strategy.model_config(cfg.get("model")))
         # checkpoint weights go into the plain model, before it is wrapped or sharded
         if self._resume_state is not None:
             self.checkpointer.check_strategy(self.resume_from, self._resume_state)
@@ -202,7 +204,8 @@ class Runner:
         train_cfg = dict(cfg.get("train_cfg") or {})
         train_cfg.pop("by_epoch", None)
         train_cfg.setdefault("type", TrainLoop)
-        self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader)
+        self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader,
+                                accumulative_counts=self.optim_wrapper.accumulative_counts)
 
         if self._resume_state is not None:
             self.checkpointer.restore(self.resume_from, self._resume_state)
@@ -215,7 +218,7 @@ class Runner:
         try:
             text = dumps(effective)
         except ConfigError as exc:
-            text = Path(self.cfg.filename).read_text() if hasattr(self.cfg, "filename") else repr(self.cfg)
+            text = getattr(self.cfg, "source", None) or repr(self.cfg)
             self.logger.warning(f"The effective config cannot be written as Python ({exc}); "
                                 "the work dir gets the original file instead.")
         if is_main_process():
@@ -336,14 +339,8 @@ class Runner:
         if cfg is None:
             raise ConfigError("the config has no model")
         model = build(cfg, key="model")
-        zero3 = getattr(self.strategy, "stage", 0) == 3
-        if not getattr(model, "quantized", False) and not zero3:
-            model.to(self.device)
-        if zero3:
-            sharded = sum(hasattr(p, "ds_id") for p in model.parameters())
-            self.logger.info(f"ZeRO-3: {sharded} of {len(list(model.parameters()))} weights were sharded as they "
-                             "loaded (packing check skipped: it needs the whole model)")
-        else:
+        self.strategy.place_model(model)
+        if not self.strategy.shards_at_load:
             self._check_packing(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
