@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmtune.core.dist import is_main_process
-from lmtune.engine.hooks.hook import Hook
+from lmtune.core.hook import Hook
 
 
 class HFCheckpointHook(Hook):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lmtune.core.dist import is_main_process
+from lmtune.core.hook import Hook
 from lmtune.engine.checkpoint import format as ckpt
-from lmtune.engine.hooks.hook import Hook
 
 
 class CheckpointSaveError(OSError):

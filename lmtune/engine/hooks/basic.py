@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from lmtune.engine.hooks.hook import Hook
+from lmtune.core.hook import Hook
 
 
 class IterTimerHook(Hook):
@@ -53,8 +53,3 @@ class DistSamplerSeedHook(Hook):
         batch_sampler = getattr(runner.train_dataloader, "batch_sampler", None)
         if hasattr(getattr(batch_sampler, "sampler", None), "set_epoch"):
             batch_sampler.sampler.set_epoch(runner.epoch)
-
-
-class VarlenAttnArgsToMessageHubHook(Hook):
-    """Accepted for XTuner configs. lmtune passes variable-length attention arguments in the
-    batch itself (``position_ids``, ``cumulative_len``), so nothing needs relaying."""

@@ -10,10 +10,10 @@ from typing import Any
 from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.dist import is_main_process
+from lmtune.core.hook import Hook
 from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
 from lmtune.dataset.templates import get_template
 from lmtune.engine.chat import ChatSession
-from lmtune.engine.hooks.hook import Hook
 
 
 class DatasetInfoHook(Hook):

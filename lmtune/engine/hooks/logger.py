@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lmtune.core.dist import is_main_process
-from lmtune.engine.hooks.hook import Hook
+from lmtune.core.hook import Hook
 
 # throughput figures another hook may put in the message hub (or the loop in its outputs): logged when present
 THROUGHPUT_KEYS = ("tokens_per_sec", "tflops", "mfu")

@@ -8,8 +8,8 @@ import time
 import torch
 
 from lmtune.core.dist import all_reduce_sum, get_world_size
+from lmtune.core.hook import Hook
 from lmtune.engine.flops import FlopCounter, count_targets, sample_lengths
-from lmtune.engine.hooks.hook import Hook
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, by device name (fp32 accumulation for GeForce).
 # The first pattern that matches ``torch.cuda.get_device_name()`` wins.

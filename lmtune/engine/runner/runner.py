@@ -19,6 +19,7 @@ from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.config.build import check_kwargs, resolve_callable
 from lmtune.core.device import default_device
 from lmtune.core.dist import barrier, get_world_size, is_distributed, is_main_process
+from lmtune.core.hook import priority_value
 from lmtune.dataset.collate_fns import default_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
 from lmtune.engine.checkpoint import Checkpointer
@@ -30,7 +31,6 @@ from lmtune.engine.hooks import (
     LoggerHook,
     ParamSchedulerHook,
 )
-from lmtune.engine.hooks.hook import priority_value
 from lmtune.engine.optim import OptimWrapper, StepSettings
 from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
 from lmtune.engine.strategies import build_strategy

@@ -23,7 +23,6 @@ from lmtune.engine.hooks import (
     IterTimerHook,
     LoggerHook,
     ParamSchedulerHook,
-    VarlenAttnArgsToMessageHubHook,
 )
 from lmtune.engine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
 from lmtune.engine.runner import TrainLoop
@@ -127,8 +126,6 @@ custom_hooks = [
          evaluation_inputs=evaluation_inputs, system=SYSTEM, prompt_template=prompt_template,
          max_new_tokens=max_new_tokens),
 ]
-if use_varlen_attn:
-    custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
 
 default_hooks = dict(
     timer=dict(type=IterTimerHook),
