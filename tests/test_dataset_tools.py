@@ -61,3 +61,33 @@ def test_log_dataset_shows_the_processed_rows(capsys, tiny_model_dir, oasst1_dir
     out = capsys.readouterr().out
     for part in ("[text]", "[masked_text]", "[input_ids]", "[labels]"):
         assert part in out
+
+
+def test_check_dataset_shows_the_training_rows_truncated_as_training_truncates(capsys, tiny_model_dir, oasst1_dir):
+    """check-dataset and training go through the same stages (lmtune.dataset.stages): the ids it shows for
+    a row cut to max_length are the ids of that row in the (unpacked) training data."""
+    from datasets import load_dataset
+
+    from lmtune.config import Config
+    from lmtune.dataset.huggingface import process_hf_dataset
+    from lmtune.dataset.stages import row_processor
+
+    settings = {"pretrained_model_name_or_path": tiny_model_dir, "data_path": oasst1_dir, "max_length": 512,
+                "pack_to_max_length": False, "train_dataset.shuffle_before_pack": False}
+    ds = {k: v for k, v in dict(Config.fromfile(SEED_CFG, settings).train_dataset).items() if k != "type"}
+    raw = load_dataset(oasst1_dir, split="train")
+    whole = row_processor(ds["tokenizer"], None, ds["dataset_map_fn"], ds["template_map_fn"]).stage(raw[0])
+    first_trained = next(i for i, label in enumerate(whole.encoded["labels"]) if label != -100)
+    cut = first_trained + 3  # row 0 loses its end but keeps trained tokens
+    assert cut < whole.encoded["length"]
+    settings["max_length"] = cut
+    assert main(["check-dataset", str(SEED_CFG), "--cfg-options", *[f"{k}={v}" for k, v in settings.items()]]) == 0
+    out = capsys.readouterr().out
+    assert f"[truncated to max_length={cut}]" in out
+    shown = out.split("[input_ids] ")[1].split("\n")[0]
+    ds = {k: v for k, v in dict(Config.fromfile(SEED_CFG, settings).train_dataset).items() if k != "type"}
+    training = process_hf_dataset(**{**ds, "use_cache": False})
+    assert shown == str(training[0]["input_ids"]) and len(training[0]["input_ids"]) == cut
+    staged = row_processor(ds["tokenizer"], cut, ds["dataset_map_fn"], ds["template_map_fn"]).stage(raw[0])
+    assert staged.truncated and staged.encoded["input_ids"] == training[0]["input_ids"]
+    assert staged.encoded["labels"] == training[0]["labels"]

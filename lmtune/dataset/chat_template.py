@@ -28,6 +28,7 @@ from typing import Any
 
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
+from lmtune.dataset.truncation import truncate
 
 __all__ = [
     "CHAT_TEMPLATE_KEY",
@@ -130,10 +131,7 @@ class ChatTemplateEncoder:
             if train:
                 for i in self._trained_tokens(ids, starts, ends, text, start, content_end, turn_end):
                     labels[i] = ids[i]
-        if self.max_length is not None and len(ids) > self.max_length:
-            return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length],
-                    "length": self.max_length, "truncated": True}
-        return {"input_ids": ids, "labels": labels, "length": len(ids)}
+        return truncate({"input_ids": ids, "labels": labels, "length": len(ids)}, self.max_length)
 
     def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int, int | None]]:
         """Per assistant message: (start, end of its content, end of its turn or None) in ``text``."""

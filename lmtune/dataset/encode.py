@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
+from lmtune.dataset.truncation import truncate
 
 
 def tokenizer_prefix(tokenizer) -> list[int]:
@@ -96,14 +97,6 @@ class ConversationEncoder:
         if self.bos and input_ids[:len(self.bos)] != self.bos:  # a template that writes it itself gets no second one
             input_ids, labels = self.bos + input_ids, [IGNORE_INDEX] * len(self.bos) + labels
         return truncate({"input_ids": input_ids, "labels": labels, "length": len(input_ids)}, self.max_length)
-
-
-def truncate(row: dict, max_length: int | None) -> dict:
-    """``row`` cut to ``max_length`` tokens; a cut row says so with ``truncated: True``."""
-    if max_length is None or row["length"] <= max_length:
-        return row
-    return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length],
-            "length": max_length, "truncated": True}
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -9,127 +9,18 @@ with several ranks, rank 0 prepares it and the others load the cached copy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from lmtune.config.build import build, is_type_dict
-from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.dist import get_rank, is_distributed
-from lmtune.core.errors import ConfigError, nearest
+from lmtune.core.errors import ConfigError
 from lmtune.dataset import cache
-from lmtune.dataset.encode import ConversationEncoder
 from lmtune.dataset.packing import PACKERS
+from lmtune.dataset.stages import BAD, EMPTY, NO_TARGET, OK, describe_source, row_processor, train_split, truncate
 
 logger = logging.getLogger("lmtune")
 
 PACK_GROUP_SIZE = 10_000  # samples packed together; larger groups waste fewer tokens
-OK, EMPTY, NO_TARGET, BAD = 0, 1, 2, 3
-
-
-def _as_function(fn: Any, key: str) -> Callable | None:
-    if fn is None:
-        return None
-    if isinstance(fn, str):
-        from lmtune.dataset.map_fns import DATASET_FORMAT_MAPPING
-
-        if fn not in DATASET_FORMAT_MAPPING:
-            raise ConfigError(f"{key}={fn!r} is not a known dataset format{nearest(fn, DATASET_FORMAT_MAPPING)} "
-                              "(lmtune list-dataset-format lists them)")
-        return DATASET_FORMAT_MAPPING[fn]
-    fn = build(fn, key=key)
-    if not callable(fn):
-        raise ConfigError(f"{key} must be a function, got {type(fn).__name__}")
-    return fn
-
-
-def _train_split(dataset: Any, split: str):
-    from datasets import DatasetDict
-
-    if isinstance(dataset, DatasetDict):
-        if split not in dataset:
-            raise ConfigError(f"the dataset has no split {split!r} (it has {list(dataset)}); set split=...")
-        return dataset[split]
-    return dataset
-
-
-def describe_source(dataset: Any) -> str:
-    """Where the rows come from, for error messages: the data files, path or dataset name."""
-    if is_type_dict(dataset):
-        for key in ("data_files", "data_dir", "path", "dataset_path"):
-            if dataset.get(key):
-                return f"{dataset[key]}"
-    files = getattr(dataset, "cache_files", None)
-    if files:
-        return files[0].get("filename", "the dataset")
-    return "the dataset"
-
-
-class RowProcessor:
-    """The batched function of the first pass: row -> conversation -> template -> ids and labels.
-
-    Each output row carries a ``status`` (OK, EMPTY: the map function dropped it,
-    NO_TARGET: nothing left to train after truncation, BAD: malformed and
-    skipped) and whether it was truncated, so the pipeline can count and report.
-    """
-
-    def __init__(self, map_fn, template_fn, encoder, max_length: int | None, source: str,
-                 skip_bad_rows: bool) -> None:
-        self.map_fn, self.template_fn, self.encoder = map_fn, template_fn, encoder
-        self.max_length, self.source, self.skip_bad_rows = max_length, source, skip_bad_rows
-
-    def _fail(self, stage: str, index: int, exc: Exception) -> None:
-        if self.skip_bad_rows:
-            return
-        detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-        raise ConfigError(f"{stage} failed on row {index} of {self.source}: {detail} "
-                          "(set skip_bad_rows=True in train_dataset to skip such rows)") from None
-
-    def _conversation(self, row: dict, index: int) -> tuple[dict | None, int]:
-        """map_fn and template for one row: the templated row, or None and why."""
-        stage = "dataset_map_fn"
-        try:
-            if self.map_fn is not None:
-                row = self.map_fn(row)
-            conversation = row.get("conversation") if isinstance(row, dict) else None
-            if conversation is None:
-                raise ConfigError(f"it produced no 'conversation' (got fields {sorted(row)}); set dataset_map_fn "
-                                  "to the function for your data's format (lmtune check-dataset CONFIG helps)")
-            if not conversation:
-                return None, EMPTY
-            stage = "template_map_fn"
-            return (self.template_fn(row) if self.template_fn is not None else row), OK
-        except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
-            self._fail(stage, index, exc)
-            return None, BAD
-
-    def __call__(self, batch: dict, indices: list[int]) -> dict:
-        names = list(batch)
-        staged = [self._conversation({name: batch[name][k] for name in names}, index)
-                  for k, index in enumerate(indices)]
-        self.encoder.prefetch([row for row, status in staged if status == OK])
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "truncated": []}
-        for (row, status), index in zip(staged, indices):
-            encoded = None
-            if status == OK:
-                try:
-                    encoded = self.encoder(row)
-                except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
-                    self._fail("tokenization", index, exc)
-                    status = BAD
-            ids, labels = (encoded["input_ids"], encoded["labels"]) if encoded is not None else ([], [])
-            truncated = self.max_length is not None and len(ids) > self.max_length
-            if truncated:
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if status == OK and len(labels) - 1 - labels[1:].count(IGNORE_INDEX) <= 0:  # nothing to train
-                status = NO_TARGET
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["length"].append(len(ids))
-            out["status"].append(status)
-            out["truncated"].append(truncated)
-        return out
-
-
 def process_hf_dataset(
     dataset: Any,
     tokenizer: Any = None,
@@ -178,15 +69,16 @@ def process_hf_dataset(
     if pack_to_max_length and max_length is None:
         raise ConfigError("pack_to_max_length=True needs max_length")
     source = describe_source(dataset)
-    tok = None
+    tok = processor = None
     if do_dataset_tokenization:
         if tokenizer is None:
             raise ConfigError("train_dataset needs a tokenizer to tokenize the data")
         if max_length is None:
             raise ConfigError("train_dataset needs max_length")
         tok = build(tokenizer, key="tokenizer")
-    map_fn = _as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
-    template_fn = _as_function(template_map_fn, "train_dataset.template_map_fn")
+        processor = row_processor(tok, max_length, dataset_map_fn, template_map_fn, source, skip_bad_rows)
+    map_fn = processor.map_fn if processor is not None else None
+    template_fn = processor.template_fn if processor is not None else None
 
     key = None
     if use_cache and (is_type_dict(dataset) or getattr(dataset, "cache_files", None)):
@@ -204,9 +96,8 @@ def process_hf_dataset(
             _log_stats(source, stats)
             return data
 
-    data, stats = _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_dataset_length,
-                           rename_maps, shuffle_before_pack, pack_to_max_length, pack_strategy,
-                           do_dataset_tokenization, map_num_proc, seed, skip_bad_rows)
+    data, stats = _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps,
+                           shuffle_before_pack, pack_to_max_length, pack_strategy, map_num_proc, seed)
     _log_stats(source, stats)
     if key is not None and get_rank() == 0:
         cache.save(key, data, stats)
@@ -216,9 +107,10 @@ def process_hf_dataset(
     return data
 
 
-def _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_dataset_length, rename_maps,
-             shuffle_before_pack, pack_to_max_length, pack_strategy, tokenize, map_num_proc, seed, skip_bad_rows):
-    dataset = _train_split(build(dataset, key="train_dataset.dataset"), split)
+def _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps, shuffle_before_pack,
+             pack_to_max_length, pack_strategy, map_num_proc, seed):
+    """``processor`` None: the rows are tokenized already (``do_dataset_tokenization=False``)."""
+    dataset = train_split(build(dataset, key="train_dataset.dataset"), split)
     stats: dict[str, Any] = {"rows": len(dataset)}
     if max_dataset_length is not None and len(dataset) > max_dataset_length:
         dataset = dataset.shuffle(seed=seed).select(range(max_dataset_length))
@@ -226,9 +118,7 @@ def _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_d
     for old, new in rename_maps or []:
         dataset = dataset.rename_column(old, new)
 
-    if tokenize:
-        encoder = ConversationEncoder(tok, None)  # truncated by the processor, which counts it
-        processor = RowProcessor(map_fn, template_fn, encoder, max_length, source, skip_bad_rows)
+    if processor is not None:
         dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True,
                               remove_columns=dataset.column_names, num_proc=map_num_proc,
                               desc="Tokenizing")
@@ -246,10 +136,9 @@ def _process(dataset, split, tok, map_fn, template_fn, source, max_length, max_d
             raise ConfigError(f"do_dataset_tokenization=False needs tokenized rows; {source} lacks {sorted(missing)}")
         keep = [c for c in dataset.column_names if c in ("input_ids", "labels")]
         dataset = dataset.select_columns(keep)
-        if max_length is not None:
-            dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length],
-                                               "labels": row["labels"][:max_length]}, num_proc=map_num_proc)
-        dataset = dataset.map(lambda row: {"length": len(row["input_ids"])}, num_proc=map_num_proc)
+        dataset = dataset.map(lambda row: {
+            key: value for key, value in truncate({**row, "length": len(row["input_ids"])}, max_length).items()
+            if key != "truncated"}, num_proc=map_num_proc)
     stats["samples"] = len(dataset)
     if len(dataset) == 0:
         raise ConfigError(_empty_reason(stats, source, max_length))

@@ -522,7 +522,8 @@ def _check_template(report: CheckReport, w: _Report, cfg: Any, ds_cfgs: list[dic
 def _data(report: CheckReport, w: _Report, ds_cfgs: list[dict], tokenizer: Any, rows: int,
           vocab: int | None) -> tuple[float | None, bool]:
     """Process the first ``rows`` rows of each dataset; the estimated number of training rows."""
-    from lmtune.dataset.huggingface import _train_split, describe_source, process_hf_dataset
+    from lmtune.dataset.huggingface import process_hf_dataset
+    from lmtune.dataset.stages import describe_source, train_split
     from lmtune.engine.hooks.chat import DatasetInfoHook
 
     total_est: float | None = 0.0
@@ -537,7 +538,7 @@ def _data(report: CheckReport, w: _Report, ds_cfgs: list[dict], tokenizer: Any, 
             continue
         source = describe_source(ds_cfg.get("dataset"))
         try:
-            raw = _train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
+            raw = train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
         except ConfigError as exc:
             report.problems.append(f"dataset {source}: {exc}")
             total_est = None

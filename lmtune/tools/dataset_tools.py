@@ -8,7 +8,8 @@ from typing import Any, TextIO
 
 from lmtune.config import Config, ConfigError, build, is_type_dict
 from lmtune.config.build import resolve_callable
-from lmtune.dataset.huggingface import _as_function, _train_split, process_hf_dataset
+from lmtune.dataset.huggingface import process_hf_dataset
+from lmtune.dataset.stages import BAD, OK, STATUS_NAMES, as_function, describe_source, row_processor, train_split
 from lmtune.engine.hooks.chat import DatasetInfoHook
 
 
@@ -53,58 +54,59 @@ def _fitting_formats(rows: list[dict]) -> list[str]:
 
 
 def check_dataset(cfg: Config, out: TextIO, rows_to_show: int = 2, max_problems: int = 20) -> int:
-    """Print what each stage makes of the first rows and every malformed row; return the problem count."""
-    from lmtune.dataset.encode import ConversationEncoder
+    """Print what each stage makes of the first rows and every malformed row; return the problem count.
 
+    The rows go through the stages of training itself (``lmtune.dataset.stages``): the same map function,
+    template, tokenization and truncation."""
     problems = 0
     for n, ds_cfg in enumerate(dataset_configs(cfg)):
         fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
         if fn is not process_hf_dataset:
             out.write(f"[dataset {n}] {getattr(fn, '__name__', fn)} is not process_hf_dataset; skipped\n")
             continue
-        raw = _train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
+        source = describe_source(ds_cfg["dataset"])
+        raw = train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
         out.write(f"== dataset {n}: {len(raw)} rows, fields {raw.column_names}\n")
         sample = [raw[i] for i in range(min(len(raw), 20))]
         fits = _fitting_formats(sample)
-        map_fn = _as_function(ds_cfg.get("dataset_map_fn"), "dataset_map_fn")
-        name = getattr(map_fn, "__name__", None)
+        map_fn = as_function(ds_cfg.get("dataset_map_fn"), "dataset_map_fn")
         out.write(f"formats that fit the first rows: {', '.join(fits) or 'none (write a map function)'}\n")
         if map_fn is None:
             ready = "conversation" in raw.column_names
             out.write("dataset_map_fn: none configured" + (" (rows are already conversations)\n" if ready else
                       "; one is needed: set dataset_map_fn to one of the fitting formats\n"))
         else:
-            out.write(f"dataset_map_fn: {name}\n")
+            out.write(f"dataset_map_fn: {getattr(map_fn, '__name__', map_fn)}\n")
         if not ds_cfg.get("do_dataset_tokenization", True):
             continue
         tokenizer = build(ds_cfg["tokenizer"], key="tokenizer")
-        template_fn = _as_function(ds_cfg.get("template_map_fn"), "template_map_fn")
-        encoder = ConversationEncoder(tokenizer, ds_cfg.get("max_length"))
+        processor = row_processor(tokenizer, ds_cfg.get("max_length"), ds_cfg.get("dataset_map_fn"),
+                                  ds_cfg.get("template_map_fn"), source)
         for i, row in enumerate(sample[:rows_to_show]):
             out.write(f"-- row {i}\n[raw] {_short(row)}\n")
-            try:
-                conv = map_fn(dict(row)) if map_fn else dict(row)
-                out.write(f"[conversation] {_short(conv.get('conversation'))}\n")
-                templated = template_fn(conv) if template_fn else conv
-                encoded = encoder(templated)
-            except Exception as exc:  # noqa: BLE001 - shown, counted below
-                out.write(f"[error] {type(exc).__name__}: {exc}\n")
+            staged = processor.stage(row, i)
+            if staged.conversation is not None:
+                out.write(f"[conversation] {_short(staged.conversation.get('conversation'))}\n")
+            if staged.status == BAD:
+                out.write(f"[error] {staged.stage}: {staged.error}\n")
                 continue
+            if staged.encoded is None:
+                out.write(f"[{STATUS_NAMES[staged.status]}]\n")
+                continue
+            encoded = staged.encoded
             out.write("[text, trained part between >>> and <<<]\n" + mark_trained(tokenizer, encoded) + "\n")
             out.write(f"[input_ids] {_short(encoded['input_ids'], 200)}\n[labels] {_short(encoded['labels'], 200)}\n")
+            if staged.truncated:
+                out.write(f"[truncated to max_length={processor.max_length}]\n")
+            if staged.status != OK:
+                out.write(f"[{STATUS_NAMES[staged.status]}]\n")
         bad = 0
-        from lmtune.dataset.huggingface import describe_source
-
-        source = describe_source(ds_cfg["dataset"])
         for index in range(len(raw)):
-            try:
-                conv = map_fn(dict(raw[index])) if map_fn else dict(raw[index])
-                if conv.get("conversation") is None:
-                    raise ConfigError("no 'conversation' produced")
-            except Exception as exc:  # noqa: BLE001 - the report is the point
+            staged = processor.conversation(raw[index], index)
+            if staged.status == BAD:
                 bad += 1
                 if bad <= max_problems:
-                    out.write(f"[problem] row {index} of {source}: {exc}\n")
+                    out.write(f"[problem] row {index} of {source}: {staged.error}\n")
         problems += bad
         if bad:
             out.write(f"{bad} malformed rows (set skip_bad_rows=True to skip them)\n")
