@@ -232,7 +232,7 @@ def test_qlora_checkpoint_exports_an_adapter_that_loads_on_the_4bit_base(qlora_r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lmtune.model.sft import _keep_4bit_weights_trainable
+    from lmtune.model.build import keep_4bit_weights_trainable
     from lmtune.tools.chat import load_for_chat
 
     runner, latest = qlora_run
@@ -246,10 +246,10 @@ def test_qlora_checkpoint_exports_an_adapter_that_loads_on_the_4bit_base(qlora_r
     loaded = PeftModel.from_pretrained(base, str(out))
     # compare on the same CPU 4-bit kernel: inference would otherwise repack the weights for a faster kernel
     # whose rounding differs by ~1e-3
-    _keep_4bit_weights_trainable(loaded)
+    keep_4bit_weights_trainable(loaded)
     expected = _logits(runner.unwrapped_model.llm)
     torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=1e-5)
     # `lmtune chat BASE --adapter OUT --bits 4` loads the same model
     chat_model, _ = load_for_chat(tiny_model_dir, str(out), bits=4, torch_dtype="fp32")
-    _keep_4bit_weights_trainable(chat_model)
+    keep_4bit_weights_trainable(chat_model)
     torch.testing.assert_close(_logits(chat_model), expected, atol=1e-5, rtol=1e-5)

@@ -436,6 +436,7 @@ def test_loss_chunk_size_is_checked():
 
 def test_auto_loss_chunks_hold_128_mib_of_fp32_logits_on_gpus_and_256_positions_on_cpus(monkeypatch):
     from lmtune.model import loss as loss_mod
+    from lmtune.model import loss_kernels
 
     vocabs = (32000, 128256, 151936, 256000)
     assert [loss_mod.auto_chunk_size(v, "cuda") for v in vocabs] == [1024, 256, 192, 128]
@@ -443,8 +444,8 @@ def test_auto_loss_chunks_hold_128_mib_of_fp32_logits_on_gpus_and_256_positions_
     assert loss_mod.auto_chunk_size(10**6, "cpu") == 64
     assert loss_mod.auto_chunk_size(10**9) == loss_mod.auto_chunk_size(10**9, "cpu") == 64
     used = []
-    real = loss_mod._chunks
-    monkeypatch.setattr(loss_mod, "_chunks", lambda n, size: used.append(size) or real(n, size))
+    real = loss_kernels._chunks
+    monkeypatch.setattr(loss_kernels, "_chunks", lambda n, size: used.append(size) or real(n, size))
     monkeypatch.setattr(loss_mod, "CPU_CHUNK_POSITIONS", 128)  # the test batch is on the CPU
     model = SupervisedFinetune(tiny_llm(), use_activation_checkpointing=False)
     model(**packed_batch())

@@ -12,7 +12,7 @@ from lmtune.config import ConfigError, build
 from lmtune.core import device as device_mod
 from lmtune.engine.optim import AmpOptimWrapper, OptimWrapper
 from lmtune.model import SupervisedFinetune
-from lmtune.model.sft import find_all_linear_names
+from lmtune.model.build import find_all_linear_names
 
 
 def llm_cfg(model_dir):

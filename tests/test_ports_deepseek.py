@@ -231,10 +231,10 @@ def test_a_model_made_from_its_config_initialises_the_router_and_experts():
 def test_lora_targets_reach_the_linear_layers_and_fused_experts_take_target_parameters():
     from peft import LoraConfig, get_peft_model
 
-    from lmtune.model.sft import _has_fused_experts, find_all_linear_names
+    from lmtune.model.build import find_all_linear_names, has_fused_experts
 
     model = _model("deepseek_moe")
-    assert _has_fused_experts(model)
+    assert has_fused_experts(model)
     assert find_all_linear_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
                                             "v_proj"]  # the router (mlp.gate) is no linear layer, as in the hub code
     assert ports.native_target_modules(model, ["q_proj", "gate_proj"]) == ["q_proj", "gate_proj"]

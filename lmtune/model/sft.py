@@ -9,12 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtune.config.build import build, is_type_dict
+from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
-from lmtune.core.device import as_dtype, default_device, warn_once
+from lmtune.core.device import default_device, warn_once
 from lmtune.core.dist import is_sharded
 from lmtune.core.errors import ConfigError
-from lmtune.model.compile import compile_decoder_layers, compile_options, decoder_layers
+from lmtune.model.build import (
+    add_lora,
+    build_llm,
+    enable_activation_checkpointing,
+    keep_4bit_weights_trainable,
+    keep_last_layer_activations,
+)
+from lmtune.model.compile import compile_decoder_layers, compile_options
+from lmtune.model.diagnostics import packing_leak
 from lmtune.model.loss import (
     DEFAULT_LOSS_CHUNK_SIZE,
     LogitTransform,
@@ -23,76 +31,8 @@ from lmtune.model.loss import (
     shifted_targets,
 )
 from lmtune.model.packed_attention import SEGMENTS_KWARG, segment_bounds, use_packed_sdpa
-from lmtune.model.ports import native_target_modules
-from lmtune.model.quantization import check_4bit_backend
 
 logger = logging.getLogger("lmtune")
-
-
-def _flash_attn_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def find_all_linear_names(model: nn.Module) -> list[str]:
-    """Names (last component) of every linear layer, quantized ones included, but the output head."""
-    linear_types: tuple[type, ...] = (nn.Linear,)
-    try:
-        import bitsandbytes as bnb
-
-        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    except ImportError:
-        pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name.split(".")[-1] for name, module in model.named_modules()
-             if isinstance(module, linear_types) and module is not head}
-    return sorted(names)
-
-
-def _has_fused_experts(model: nn.Module) -> bool:
-    """Whether ``model`` holds MoE experts as fused 3-D weights (transformers 5's Mixtral, DeepSeek...)."""
-    return any(type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in module.parameters(False))
-               for module in model.modules())
-
-
-def _keep_4bit_weights_trainable(model: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
-
-    On CPUs with AVX512-BF16, a ``Linear4bit`` run in eval mode without grad (as
-    the evaluate-chat hook does) permanently switches its weight to a packed
-    inference layout whose kernel has no backward, so later training steps
-    silently lose the gradient through every quantized layer. Training needs
-    the trainable layout at all times.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _keep_last_layer_activations(causal_lm: nn.Module) -> None:
-    """Turn activation checkpointing off in the last checkpointed decoder layer of ``causal_lm``.
-
-    Its backward pass is the first to run, right after the loss: the activations it would
-    recompute are then held anyway, so checkpointing it only repeats its forward pass.
-    """
-    layers = [m for m in decoder_layers(causal_lm) if getattr(m, "gradient_checkpointing", False)]
-    if layers:
-        layers[-1].gradient_checkpointing = False
-
-
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing, by transformers 5's name for it where it has one
-    (``gradient_checkpointing_enable`` is its deprecated alias there)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class SupervisedFinetune(nn.Module):
@@ -141,8 +81,7 @@ class SupervisedFinetune(nn.Module):
         self._chunked_loss_ok: bool | None = None
         self.device = default_device()
         self.use_varlen_attn = use_varlen_attn
-        self.quantized = False
-        self.llm = self._build_llm(llm, max_position_embeddings)
+        self.llm, self.quantized = build_llm(llm, max_position_embeddings, self.device, use_varlen_attn)
         self.llm.config.use_cache = False
         # packed rows: one causal SDPA call per sample instead of a block-diagonal mask over the row
         self.packed_sdpa = use_packed_sdpa(self.llm)
@@ -152,13 +91,13 @@ class SupervisedFinetune(nn.Module):
             from peft import prepare_model_for_kbit_training
 
             self.llm = prepare_model_for_kbit_training(self.llm, use_gradient_checkpointing=False)
-            _keep_4bit_weights_trainable(self.llm)
+            keep_4bit_weights_trainable(self.llm)
         if use_activation_checkpointing:
-            _enable_activation_checkpointing(self.llm)
-            _keep_last_layer_activations(self._base_model())
+            enable_activation_checkpointing(self.llm)
+            keep_last_layer_activations(self._base_model())
         self.use_lora = lora is not None or peft_model is not None
         if self.use_lora:
-            self._add_lora(lora, peft_model)
+            self.llm = add_lora(self.llm, lora, peft_model)
         else:
             if self.quantized:
                 raise ConfigError("a 4-bit quantized model can only be fine-tuned with LoRA: add a lora=dict(...) "
@@ -171,74 +110,9 @@ class SupervisedFinetune(nn.Module):
         self.compiled_layers = 0 if compile_with is None else compile_decoder_layers(self._base_model(), compile_with)
 
     # -- construction ----------------------------------------------------
-    def _build_llm(self, llm: Any, max_position_embeddings: int | None) -> nn.Module:
-        if not is_type_dict(llm):
-            return llm
-        cfg = dict(llm)
-        for flag in ("load_in_8bit", "load_in_4bit"):  # transformers 4 style; transformers 5 wants a config
-            if cfg.pop(flag, False) and cfg.get("quantization_config") is None:
-                from transformers import BitsAndBytesConfig
-
-                cfg["quantization_config"] = BitsAndBytesConfig(**{flag: True})
-        quant = cfg.get("quantization_config")
-        if quant is not None:
-            quant_obj = build(quant, key="model.llm.quantization_config")
-            if getattr(quant_obj, "load_in_4bit", False) or getattr(quant_obj, "load_in_8bit", False):
-                self.quantized = True
-                check_4bit_backend(self.device.type, getattr(quant_obj, "bnb_4bit_compute_dtype", None))
-                if self.device.type == "cuda":
-                    cfg.setdefault("device_map", {"": self.device.index or 0})
-            cfg["quantization_config"] = quant_obj
-        if "torch_dtype" in cfg and "dtype" not in cfg:  # transformers 5 renamed the argument
-            cfg["dtype"] = cfg.pop("torch_dtype")
-        dtype = cfg.get("dtype")
-        if self.device.type == "cpu" and dtype is not None and dtype != "auto" and as_dtype(dtype) == torch.float16:
-            warn_once("float16 weights are not trainable on the CPU: loading the model in bfloat16.")
-            cfg["dtype"] = torch.bfloat16
-        if self.use_varlen_attn and "attn_implementation" not in cfg:
-            if _flash_attn_available(self.device):
-                cfg["attn_implementation"] = "flash_attention_2"
-            else:
-                warn_once("use_varlen_attn=True: flash-attn is not available here, so packed samples are kept "
-                          "apart by SDPA instead: one call per sample, or a block-diagonal mask for models with "
-                          "sliding windows or soft-capping (same results).")
-        if max_position_embeddings is not None:
-            cfg["max_position_embeddings"] = max_position_embeddings
-        model = build(cfg, key="model.llm")
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model.llm built a {type(model).__name__}, not a model")
-        return model
-
     def _fit_vocab(self, tokenizer) -> None:
         if len(tokenizer) > self.llm.get_input_embeddings().num_embeddings:
             self.llm.resize_token_embeddings(len(tokenizer))
-
-    def _add_lora(self, lora: Any, peft_model: str | None) -> None:
-        from peft import PeftModel, get_peft_model
-
-        from lmtune.model.lora_speed import speed_up_lora_layers  # imports peft: only for LoRA runs
-
-        if peft_model is not None:
-            self.llm = PeftModel.from_pretrained(self.llm, peft_model, is_trainable=True)
-            speed_up_lora_layers(self.llm)
-            return
-        lora_cfg = dict(lora) if is_type_dict(lora) else lora
-        if isinstance(lora_cfg, dict):
-            if lora_cfg.get("target_modules") is None:
-                lora_cfg["target_modules"] = find_all_linear_names(self.llm)
-            lora_cfg["target_modules"] = native_target_modules(self.llm, lora_cfg["target_modules"])
-            lora_cfg = build(lora_cfg, key="model.lora")
-        elif getattr(lora_cfg, "target_modules", None) is None:
-            lora_cfg.target_modules = find_all_linear_names(self.llm)
-        else:
-            lora_cfg.target_modules = native_target_modules(self.llm, lora_cfg.target_modules)
-        if getattr(lora_cfg, "lora_dropout", 0) and _has_fused_experts(self.llm):
-            # transformers 5 fuses MoE experts into 3-D weights; peft adapts them only without dropout
-            warn_once(f"{type(self.llm).__name__} keeps its MoE experts fused: LoRA on them needs lora_dropout=0, "
-                      f"so lora_dropout={lora_cfg.lora_dropout} is set to 0")
-            lora_cfg.lora_dropout = 0.0
-        self.llm = get_peft_model(self.llm, lora_cfg)
-        speed_up_lora_layers(self.llm)
 
     def _base_model(self) -> nn.Module:
         model = self.llm
@@ -335,44 +209,9 @@ class SupervisedFinetune(nn.Module):
                   "on the full logits instead (more memory).")
         return None
 
-    @torch.no_grad()
     def packing_leak(self, segment: int = 8) -> float:
-        """How much the logits of a packed sample change because another sample precedes it.
-
-        Two samples are packed into one row (positions restarting at the second)
-        and the second is also run alone. With attention that keeps packed samples
-        apart the difference is float noise; a model whose attention ignores the
-        restart (some remote-code models do) lets the second sample see the first.
-        Returns the largest difference relative to the mean logit magnitude, less
-        four times the rounding noise of the dtype: the difference between the
-        sample alone and the same sample followed by the other one (which causal
-        attention must not see either). In fp32 that noise is ~1e-7; in bf16 it
-        reaches a few percent of a random model's small logits, which a real leak
-        exceeds by far.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            device = next(self.parameters()).device
-            vocab = self.llm.get_input_embeddings().num_embeddings
-            first = torch.arange(3, 3 + segment, device=device) % vocab
-            second = torch.arange(11, 11 + segment, device=device) % vocab
-            packed_ids = torch.cat([first, second])[None]
-            positions = torch.cat([torch.arange(segment), torch.arange(segment)]).to(device)[None]
-            packed = self.llm(input_ids=packed_ids, position_ids=positions, use_cache=False,
-                              **self._attention_kwargs(positions, None)).logits[0, segment:]
-            alone = self.llm(input_ids=second[None], position_ids=positions[:, :segment],
-                             use_cache=False).logits[0]
-            followed = self.llm(input_ids=torch.cat([second, first])[None],
-                                position_ids=torch.arange(2 * segment, device=device)[None],
-                                use_cache=False).logits[0, :segment]
-            packed, alone, followed = packed.float(), alone.float(), followed.float()
-            scale = alone.abs().mean().clamp(min=1e-6)
-            leak = float((packed - alone).abs().max() / scale)
-            noise = float((followed - alone).abs().max() / scale)
-            return max(0.0, leak - 4 * noise)
-        finally:
-            self.train(was_training)
+        """How much a packed sample's logits change because another precedes it (``model.diagnostics``)."""
+        return packing_leak(self, segment)
 
     # -- checkpoints -----------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
