@@ -3,117 +3,29 @@
 from __future__ import annotations
 
 import logging
-import random
-import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
-from lmtune.config.build import check_kwargs, resolve_callable
 from lmtune.core.device import default_device
 from lmtune.core.dist import barrier, get_world_size, is_distributed, is_main_process
-from lmtune.core.hook import priority_value
-from lmtune.dataset.collate_fns import default_collate_fn
-from lmtune.dataset.samplers import DefaultSampler
 from lmtune.engine.checkpoint import Checkpointer
-from lmtune.engine.checkpoint.hook import CheckpointHook
-from lmtune.engine.hooks import (
-    DistSamplerSeedHook,
-    Hook,
-    IterTimerHook,
-    LoggerHook,
-    ParamSchedulerHook,
-)
-from lmtune.engine.optim import OptimWrapper, StepSettings
+from lmtune.engine.optim import StepSettings
 from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
+from lmtune.engine.runner.parts import build_dataloader, build_hooks, build_optim_wrapper, build_schedulers
+from lmtune.engine.runner.setup import MessageHub, check_top_level_keys, set_random_seed, setup_logger
 from lmtune.engine.strategies import build_strategy
 
 logger = logging.getLogger("lmtune")
 
-DEFAULT_HOOKS = {
-    "timer": dict(type=IterTimerHook),
-    "logger": dict(type=LoggerHook, interval=10),
-    "param_scheduler": dict(type=ParamSchedulerHook),
-    "checkpoint": dict(type=CheckpointHook, interval=1),
-    "sampler_seed": dict(type=DistSamplerSeedHook),
-}
-
-
-# Hyperparameters of torch's optimizers; one the chosen optimizer lacks is dropped, not an error.
-OPTIMIZER_HPARAMS = {"betas", "eps", "momentum", "dampening", "nesterov", "amsgrad", "alpha", "centered",
-                     "rho", "lr_decay", "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay",
-                     "lambd", "t0", "etas", "step_sizes"}
-
-
 # A packed sample's logits may differ from the same sample run alone by float noise only (4-bit and bf16
 # kernels included); attention that leaks across samples changes them by far more.
 PACKING_LEAK_TOLERANCE = 0.02
-
-# Top-level keys the runner reads. A key in a config that is a near miss of one of these (and that one is
-# absent) is a typo: without this check `param_schedulr = [...]` would silently train without a schedule.
-RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
-               "default_hooks", "custom_hooks", "env_cfg", "visualizer", "log_level", "load_from", "resume",
-               "randomness", "log_processor", "work_dir", "launcher", "default_scope", "strategy",
-               "sequence_parallel_size", "model_resource"}
-
-
-def check_top_level_keys(cfg: dict) -> None:
-    import difflib
-
-    for key in cfg:
-        if key in RUNNER_KEYS:
-            continue
-        close = difflib.get_close_matches(key, sorted(RUNNER_KEYS - set(cfg)), n=1, cutoff=0.85)
-        if close:
-            raise ConfigError(f"unknown top-level key {key!r}; did you mean {close[0]!r}? "
-                              f"(lmtune reads {close[0]!r}, which the config does not set)")
-
-
-class MessageHub:
-    """The latest value of each runtime scalar (``time``, ``data_time``...)."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, Any] = {}
-
-    def update(self, key: str, value: Any) -> None:
-        self._values[key] = value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._values.get(key, default)
-
-
-def set_random_seed(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def setup_logger(log_file: Path | None, level: str = "INFO") -> logging.Logger:
-    for handler in list(logger.handlers):
-        if getattr(handler, "_lmtune", False):
-            logger.removeHandler(handler)
-            handler.close()
-    logger.setLevel(level if is_main_process() else "WARNING")
-    logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s - lmtune - %(levelname)s - %(message)s", "%m/%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and is_main_process():
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        handler._lmtune = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    return logger
-
 
 class Runner:
     """Everything one training run needs, built from a config.
@@ -184,8 +96,9 @@ class Runner:
 
         check_model_config(cfg.get("model"))
         # hooks first: their settings are checked before any data or weights are loaded
-        self.hooks = self._build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
-        self.train_dataloader = self._build_dataloader(cfg.get("train_dataloader"))
+        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
+        self.train_dataloader = build_dataloader(cfg.get("train_dataloader"), self.seed, self.device,
+                                                 self.mp_start_method)
         # what an optimizer step is, checked once now (DeepSpeed's JSON is filled from it before the model loads)
         self.strategy.configure(micro_batch_size(self.train_dataloader),
                                 StepSettings.from_config(cfg.get("optim_wrapper")))
@@ -198,9 +111,11 @@ class Runner:
             self.checkpointer.load_weights(model, self.checkpointer.read(load_from))
             self.logger.info(f"Loaded weights from {load_from}")
         self.model = self.strategy.wrap_model(model)
-        self.optim_wrapper = self._build_optim_wrapper(cfg.get("optim_wrapper"))
+        self.optim_wrapper = build_optim_wrapper(cfg.get("optim_wrapper"),
+                                                 [p for p in self.model.parameters() if p.requires_grad])
         self.model, self.optim_wrapper = self.strategy.prepare(self.model, self.optim_wrapper, self)
-        self.param_schedulers = self._build_schedulers(cfg.get("param_scheduler"))
+        self.param_schedulers = build_schedulers(cfg.get("param_scheduler"), self.optim_wrapper,
+                                                 len(self.train_dataloader))
         train_cfg = dict(cfg.get("train_cfg") or {})
         train_cfg.pop("by_epoch", None)
         train_cfg.setdefault("type", TrainLoop)
@@ -295,46 +210,6 @@ class Runner:
                 seed = int(value)
         return int(seed)
 
-    def _build_dataloader(self, cfg: Any) -> DataLoader:
-        if cfg is None:
-            raise ConfigError("the config has no train_dataloader")
-        if isinstance(cfg, DataLoader):
-            return cfg
-        cfg = dict(cfg)
-        if "dataset" not in cfg:
-            raise ConfigError("train_dataloader has no dataset")
-        dataset = build(cfg.pop("dataset"), key="train_dataloader.dataset")
-        sampler = build(cfg.pop("sampler", None) or dict(type=DefaultSampler, shuffle=True),
-                        key="train_dataloader.sampler", dataset=dataset, seed=self.seed)
-        collate_cfg = cfg.pop("collate_fn", None) or dict(type=default_collate_fn)
-        collate = collate_cfg
-        if isinstance(collate_cfg, dict):
-            collate_cfg = dict(collate_cfg)
-            fn = resolve_callable(collate_cfg.pop("type"), "train_dataloader.collate_fn")
-            check_kwargs(fn, collate_cfg, "train_dataloader.collate_fn")
-            collate = partial(fn, **collate_cfg)
-        batch_sampler = cfg.pop("batch_sampler", None)
-        if batch_sampler is not None:  # MMEngine style: batch_sampler=dict(type=BatchSampler, batch_size=...)
-            bs_cfg = dict(batch_sampler) if isinstance(batch_sampler, dict) else batch_sampler
-            if isinstance(bs_cfg, dict):
-                bs_cfg.setdefault("batch_size", cfg.get("batch_size", 1))
-                bs_cfg.setdefault("drop_last", bool(cfg.get("drop_last", False)))
-                batch_sampler = build(bs_cfg, key="train_dataloader.batch_sampler", sampler=sampler)
-            for key in ("batch_size", "shuffle", "drop_last"):
-                cfg.pop(key, None)
-        workers = int(cfg.get("num_workers", 0))
-        if not workers:
-            cfg.pop("persistent_workers", None)
-        elif self.mp_start_method:
-            cfg.setdefault("multiprocessing_context", self.mp_start_method)
-        cfg.setdefault("pin_memory", self.device.type == "cuda")
-        generator = torch.Generator()
-        generator.manual_seed(self.seed)
-        check_kwargs(DataLoader.__init__, cfg, "train_dataloader")
-        if batch_sampler is not None:
-            return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, generator=generator, **cfg)
-        return DataLoader(dataset, sampler=sampler, collate_fn=collate, generator=generator, **cfg)
-
     def _build_model(self, cfg: Any) -> torch.nn.Module:
         if cfg is None:
             raise ConfigError("the config has no model")
@@ -360,59 +235,6 @@ class Runner:
                 f"by {leak:.1%} when another precedes it): its attention ignores the restarting position ids. "
                 "Set pack_to_max_length=False, or use a model implementation from transformers itself "
                 "(trust_remote_code=False).")
-
-    def _build_optim_wrapper(self, cfg: Any) -> OptimWrapper:
-        if cfg is None:
-            raise ConfigError("the config has no optim_wrapper")
-        cfg = dict(cfg)
-        cfg.setdefault("type", OptimWrapper)
-        if "optimizer" not in cfg:
-            raise ConfigError("optim_wrapper has no optimizer")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer_cfg = self._drop_foreign_hparams(cfg.pop("optimizer"))
-        optimizer = build(optimizer_cfg, key="optim_wrapper.optimizer", params=params)
-        return build(cfg, key="optim_wrapper", optimizer=optimizer)
-
-    def _drop_foreign_hparams(self, cfg: Any) -> Any:
-        """Switching ``optim_type`` (say AdamW -> SGD) keeps working: hyperparameters of other
-        torch optimizers that the chosen one lacks (``betas`` for SGD) are dropped with a warning.
-        Any other unknown argument is still an error."""
-        if not isinstance(cfg, dict) or "type" not in cfg:
-            return cfg
-        fn = resolve_callable(cfg["type"], "optim_wrapper.optimizer")
-        cfg = dict(cfg)
-        for name in sorted(set(cfg) & OPTIMIZER_HPARAMS):
-            try:
-                check_kwargs(fn, {name: None}, None)
-            except ConfigError:
-                self.logger.warning(f"optim_wrapper.optimizer.{name} is ignored: "
-                                    f"{getattr(fn, '__name__', fn)} has no such hyperparameter")
-                del cfg[name]
-        return cfg
-
-    def _build_schedulers(self, cfg: Any) -> list:
-        if cfg is None:
-            return []
-        cfgs = [cfg] if isinstance(cfg, dict) else list(cfg)
-        return [build(c, key=f"param_scheduler.{i}", optimizer=self.optim_wrapper,
-                      epoch_length=len(self.train_dataloader)) for i, c in enumerate(cfgs)]
-
-    def _build_hooks(self, default_hooks: Any, custom_hooks: Any) -> list[Hook]:
-        merged = dict(DEFAULT_HOOKS)
-        merged.update(dict(default_hooks or {}))
-        cfgs = [(f"default_hooks.{name}", c) for name, c in merged.items() if c is not None]
-        cfgs += [(f"custom_hooks.{i}", c) for i, c in enumerate(custom_hooks or [])]
-        hooks = []
-        for key, hook_cfg in cfgs:
-            priority = None
-            if isinstance(hook_cfg, dict):
-                hook_cfg = dict(hook_cfg)
-                priority = hook_cfg.pop("priority", None)
-            hook = build(hook_cfg, key=key)
-            if priority is not None:
-                hook.priority = priority
-            hooks.append(hook)
-        return sorted(hooks, key=lambda h: priority_value(h.priority))
 
     # -- state -----------------------------------------------------------
     @property
