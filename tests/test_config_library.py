@@ -166,6 +166,51 @@ def test_every_builtin_config_loads(name):
         check_settings(cfg, *LIBRARY[name])
 
 
+# hub-code models -> the port fixture whose hub-layout repository stands for them
+HUB_FIXTURES = {"internlm2_chat_1_8b": "internlm2", "internlm2_chat_7b": "internlm2",
+                "internlm2_5_chat_7b": "internlm2", "internlm3_8b_instruct": "internlm3", "chatglm3_6b": "chatglm3",
+                "baichuan2_7b_chat": "baichuan2_7b", "baichuan2_13b_chat": "baichuan2_13b",
+                "minicpm_2b_sft": "minicpm", "minicpm3_4b": "minicpm3"}
+
+
+@pytest.fixture(scope="module")
+def hub_dirs(tmp_path_factory):
+    """port fixture -> its hub-layout repository (made on first use)."""
+    from hub_models import hub_dir_for
+
+    made: dict[str, str] = {}
+
+    def get(fixture: str) -> str:
+        if fixture not in made:
+            made[fixture] = str(hub_dir_for(tmp_path_factory.mktemp(f"hub_{fixture}"), fixture))
+        return made[fixture]
+
+    return get
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_every_model_and_method_builds_on_the_meta_device(model_name, tiny_models, hub_dirs):
+    """Each library model's three methods build (as ``lmtune check`` builds them, on the meta device) on a tiny
+    model of its architecture (the port's hub-layout repository for hub-code families): the method's part
+    is what trains, quantized where the config says so. The datasets change no model setting
+    (test_every_builtin_config_loads checks that), so one dataset per method stands for all three."""
+    from lmtune.config.build import build as build_component
+    from lmtune.tools.check.model import build_meta_model
+
+    model = MODELS[model_name]
+    local = hub_dirs(HUB_FIXTURES[model.name]) if model.hub_code else tiny_models(model.arch, model.template)
+    for method in LIB.METHODS:
+        cfg = load_config(LIB.config_name(model, method, "custom"), {"pretrained_model_name_or_path": local})
+        facts = build_meta_model(cfg, build_component(cfg.tokenizer))
+        assert facts.total_params > 0 and facts.layers >= 1, (model_name, method)
+        if method == "full":
+            assert facts.trainable_params == facts.total_params and not facts.quant_bits
+        else:
+            assert 0 < facts.trainable_params < facts.total_params and facts.lora_targets, (model_name, method)
+            assert set(model.lora_targets) <= set(facts.lora_targets)
+            assert facts.quant_bits == (4 if method == "qlora" else None), (model_name, method)
+
+
 # ------------------------------------------------------------------ every model's template, through its config
 
 # Two rounds with a system message: the template's system part, instruction, suffix and separator all show.
