@@ -1,4 +1,4 @@
-"""Named chat prompt templates and default system prompts.
+"""Named chat prompt templates (and, re-exported, the default system prompts of ``system_templates``).
 
 ``PROMPT_TEMPLATE`` maps a template name to a :class:`ConfigDict` with these fields:
 
@@ -54,6 +54,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmtune.config.configdict import ConfigDict
+from lmtune.dataset.system_templates import SYSTEM_TEMPLATE
 
 __all__ = ["PROMPT_TEMPLATE", "SYSTEM_TEMPLATE", "get_template"]
 
@@ -340,53 +341,6 @@ PROMPT_TEMPLATE = ConfigDict(
     # Plain ChatML, for any model trained on it.
     chatml=_chatml(["<|im_end|>"]),
 )
-
-SYSTEM_TEMPLATE = ConfigDict(
-    # The Alpaca instruction-following preamble.
-    alpaca=(
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-    ),
-    # Title generation from arXiv abstracts.
-    arxiv_gentile=(
-        "You are an experienced academic editor. Read the abstract of a research "
-        "paper and propose one concise, informative title for it."
-    ),
-    # Colour suggestions from a description.
-    colorist=(
-        "You are a professional colour designer. From the user's description, "
-        "suggest a fitting colour as a hex code (#RRGGBB) and say briefly why."
-    ),
-    # General programming help.
-    coder=(
-        "You are an expert programmer. Write correct, clear and efficient code, "
-        "and explain it briefly when that helps."
-    ),
-    # Legal questions.
-    lawyer=(
-        "You are a knowledgeable legal assistant. Answer legal questions accurately "
-        "and plainly, cite the relevant laws when you can, and say when the user "
-        "should consult a qualified lawyer."
-    ),
-    # Health questions.
-    medical=(
-        "You are a careful medical assistant. Give accurate, evidence-based health "
-        "information in plain language, and advise seeing a doctor when a problem "
-        "may be serious."
-    ),
-    # Text-to-SQL.
-    sql=(
-        "You are an SQL expert. Given the CREATE TABLE statements of a database and a "
-        "question, write one correct SQL query that answers the question."
-    ),
-    # MOSS's persona.
-    moss_sft=(
-        "You are MOSS, a conversational AI assistant developed at Fudan University. "
-        "You are helpful, honest and harmless, you reply in the user's language, "
-        "and you decline requests that could cause harm."
-    ),
-)
-
 
 def get_template(name_or_dict: str | Mapping[str, Any]) -> ConfigDict:
     """The prompt template for a name in ``PROMPT_TEMPLATE``, or a mapping as a ConfigDict.
