@@ -253,3 +253,35 @@ def test_qlora_checkpoint_exports_an_adapter_that_loads_on_the_4bit_base(qlora_r
     chat_model, _ = load_for_chat(tiny_model_dir, str(out), bits=4, torch_dtype="fp32")
     keep_4bit_weights_trainable(chat_model)
     torch.testing.assert_close(_logits(chat_model), expected, atol=1e-5, rtol=1e-5)
+
+
+def _base_with_own_code(tiny_model_dir: str, root: Path) -> tuple[Path, Path]:
+    """A copy of the tiny base whose config.json names its own code (auto_map), which leaves a mark when it runs."""
+    base, mark = root / "base_with_code", root / "the_code_ran"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "configuration_mine.py").write_text(
+        f"import pathlib\npathlib.Path({str(mark)!r}).touch()\nfrom transformers import LlamaConfig\n\n\n"
+        "class MineConfig(LlamaConfig):\n    model_type = 'mine_llama'\n")
+    (base / "modeling_mine.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mine import MineConfig\n\n\n"
+        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n")
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="mine_llama", auto_map={"AutoConfig": "configuration_mine.MineConfig",
+                                                     "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"})
+    (base / "config.json").write_text(json.dumps(config))
+    return base, mark
+
+
+def test_merge_runs_a_base_models_own_code_only_when_asked(lora_run, tiny_model_dir, tmp_path):
+    _, latest = lora_run
+    adapter = convert.pth_to_hf(None, latest, tmp_path / "adapter")
+    record = json.loads((adapter / convert.EXPORT_INFO).read_text())
+    assert record["trust_remote_code"] is True  # the seed's config (XTuner's) asks for it
+    record.pop("trust_remote_code")
+    (adapter / convert.EXPORT_INFO).write_text(json.dumps(record))
+    base, mark = _base_with_own_code(tiny_model_dir, tmp_path)
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        _cli("convert", "merge", str(base), str(adapter), str(tmp_path / "merged"))
+    assert not mark.exists()  # nothing of the repository ran
+    assert _cli("convert", "merge", str(base), str(adapter), str(tmp_path / "merged"), "--trust-remote-code") == 0
+    assert mark.exists() and (tmp_path / "merged" / "config.json").is_file()

@@ -20,7 +20,7 @@ def _pth_to_hf_cmd(args: argparse.Namespace) -> int:
 
 def _merge_cmd(args: argparse.Namespace) -> int:
     merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device,
-          safe_serialization=args.safe_serialization)
+          safe_serialization=args.safe_serialization, trust_remote_code=args.trust_remote_code)
     print(f"saved to {args.save_dir}")
     return 0
 
@@ -52,6 +52,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="where to load the model for merging (default cpu)")
     merge_p.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
                          help="save .safetensors (default) or .bin")
+    merge_p.add_argument("--trust-remote-code", action="store_const", const=True, default=None,
+                         help="run the base model repository's own Python code (by default only when the "
+                              "training config recorded beside the adapter said trust_remote_code=True; "
+                              "the hub-code families lmtune runs natively need none)")
     merge_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     merge_p.set_defaults(func=_merge_cmd)
     convert.set_defaults(func=lambda args: (convert.print_help(), 2)[1])

@@ -56,7 +56,8 @@ def _base_model_path(cfg: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _save_tokenizer(source: str | os.PathLike, save_dir: Path, tokenizer_cfg: Any = None) -> bool:
+def _save_tokenizer(source: str | os.PathLike, save_dir: Path, tokenizer_cfg: Any = None,
+                    trust_remote_code: bool = False) -> bool:
     from transformers import AutoTokenizer
 
     from lmtune.config import build
@@ -66,7 +67,7 @@ def _save_tokenizer(source: str | os.PathLike, save_dir: Path, tokenizer_cfg: An
         if tokenizer_cfg is not None:
             tokenizer = build(tokenizer_cfg, key="tokenizer")
         else:
-            tokenizer = ports.from_pretrained(AutoTokenizer, str(source), trust_remote_code=True)
+            tokenizer = ports.from_pretrained(AutoTokenizer, str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return False
     ports.save_tokenizer(tokenizer, save_dir)  # a ported family's own tokenizer files, as the hub has them
@@ -220,12 +221,16 @@ def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.Path
         llm.config.use_cache = True
         _save_model(llm, save_dir, safe_serialization, max_shard_size=max_shard_size)
         tokenizer_cfg = cfg.get("tokenizer") or model_cfg.get("tokenizer")
-        _save_tokenizer(_base_model_path(cfg) or "", save_dir, tokenizer_cfg)
+        _save_tokenizer(_base_model_path(cfg) or "", save_dir, tokenizer_cfg,
+                        trust_remote_code=isinstance(llm_cfg, dict) and bool(llm_cfg.get("trust_remote_code")))
 
     (save_dir / CONFIG_COPY).write_text(config_text, encoding="utf-8")
     info: dict[str, Any] = {"base_model": _base_model_path(cfg),
                             "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
                             "lora": bool(model.use_lora)}
+    llm_cfg = model_cfg.get("llm")
+    if isinstance(llm_cfg, dict) and llm_cfg.get("trust_remote_code"):
+        info["trust_remote_code"] = True  # the training config asked to run the base model's own code
     template = _template_name(cfg.get("prompt_template"))
     if template is not None:
         info["prompt_template"] = template
@@ -238,8 +243,13 @@ def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.Path
 # ------------------------------------------------------------------ merge
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | os.PathLike,
-          max_shard_size: str = "2GB", device: str = "cpu", safe_serialization: bool = True) -> Path:
-    """Merge the LoRA adapter in ``adapter`` into the model in ``base`` and save the result to ``save_dir``."""
+          max_shard_size: str = "2GB", device: str = "cpu", safe_serialization: bool = True,
+          trust_remote_code: bool | None = None) -> Path:
+    """Merge the LoRA adapter in ``adapter`` into the model in ``base`` and save the result to ``save_dir``.
+
+    The base model's own code (a repository's ``modeling_*.py``) runs only with ``trust_remote_code``: when
+    asked, or, left None, when the training config recorded beside the adapter said so. A hub-code family
+    lmtune ports needs none."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -253,18 +263,38 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | o
         raise ConfigError(f"{base} is a 4-bit quantized model: a LoRA adapter cannot be merged into 4-bit "
                           "weights; merge into the dequantized base instead (the original fp16/bf16 model the "
                           "QLoRA run was started from)")
+    if trust_remote_code is None:
+        trust_remote_code = bool(_export_record(adapter).get("trust_remote_code", False))
     device_map = {"": device} if device in ("cpu", "cuda") else device
-    model = ports.from_pretrained(AutoModelForCausalLM, str(base), dtype="auto", device_map=device_map,
-                                  trust_remote_code=True)
+    try:
+        model = ports.from_pretrained(AutoModelForCausalLM, str(base), dtype="auto", device_map=device_map,
+                                      trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(f"{base} ships its own model code, which lmtune runs only when asked: add "
+                          "--trust-remote-code if you trust the Python files in that repository") from None
     model = PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload()
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     _save_model(merged, save_dir, safe_serialization, max_shard_size=max_shard_size)
     has_tokenizer = any((adapter / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
-    _save_tokenizer(adapter if has_tokenizer else base, save_dir)
+    _save_tokenizer(adapter if has_tokenizer else base, save_dir, trust_remote_code=trust_remote_code)
     _carry_export_record(adapter, save_dir, base)
     return save_dir
+
+
+def _export_record(directory: Path) -> dict[str, Any]:
+    """The ``lmtune_export.json`` of an export directory ({} without one)."""
+    path = directory / EXPORT_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    return info if isinstance(info, dict) else {}
 
 
 def _carry_export_record(adapter: Path, save_dir: Path, base: str | os.PathLike) -> None:
@@ -272,12 +302,9 @@ def _carry_export_record(adapter: Path, save_dir: Path, base: str | os.PathLike)
     so that ``lmtune chat MERGED`` talks as the adapter was trained to."""
     if (adapter / CONFIG_COPY).is_file():
         (save_dir / CONFIG_COPY).write_text((adapter / CONFIG_COPY).read_text(encoding="utf-8"), encoding="utf-8")
-    info: dict[str, Any] = {}
-    if (adapter / EXPORT_INFO).is_file():
-        try:
-            info = json.loads((adapter / EXPORT_INFO).read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ConfigError(f"{adapter / EXPORT_INFO} is not valid JSON ({exc}); the merged model is in "
-                              f"{save_dir} without it") from None
+    try:
+        info = _export_record(adapter)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the merged model is in {save_dir} without it") from None
     info.update(lora=False, merged_adapter=str(adapter.resolve()), base_model=str(base))
     (save_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
