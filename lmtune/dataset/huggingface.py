@@ -64,6 +64,9 @@ def process_hf_dataset(
     ``remove_unused_columns``, ``input_ids_with_output`` and ``with_output`` are
     accepted for XTuner configs; lmtune always keeps only the model's columns.
     """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ConfigError(f"train_dataset.max_length (the max_length setting) must be an integer of at least 2 "
+                          f"tokens, got {max_length!r}")
     if pack_to_max_length and pack_strategy not in PACKERS:
         raise ConfigError(f"pack_strategy={pack_strategy!r} is not one of {sorted(PACKERS)}")
     if pack_to_max_length and max_length is None:

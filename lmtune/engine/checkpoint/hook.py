@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lmtune.core.dist import is_main_process
+from lmtune.core.errors import ConfigError
 from lmtune.core.hook import Hook
 from lmtune.engine.checkpoint import format as ckpt
 
@@ -42,6 +43,13 @@ class CheckpointHook(Hook):
         ``backend_args`` and ``published_keys`` have no effect; ``save_begin`` delays the first save."""
         if save_best is not None:
             raise ValueError("save_best needs validation metrics, which lmtune does not compute yet")
+        meanings = {"interval": ("save_steps", "no periodic saves"),
+                    "max_keep_ckpts": ("save_total_limit", "keeping every checkpoint")}
+        for name, value in (("interval", interval), ("max_keep_ckpts", max_keep_ckpts)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+                setting, none = meanings[name]
+                raise ConfigError(f"CheckpointHook {name} ({setting}) must be a positive integer, or -1 (as in "
+                                  f"MMEngine, also 0) for {none}; got {value!r}")
         self.save_begin = int(save_begin)
         self.interval = int(interval)
         self.by_epoch = by_epoch

@@ -10,6 +10,7 @@ from typing import Any
 from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.dist import is_main_process
+from lmtune.core.errors import ConfigError
 from lmtune.core.hook import Hook
 from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
 from lmtune.dataset.templates import get_template
@@ -103,7 +104,14 @@ class EvaluateChatHook(Hook):
                  max_new_tokens: int = 600, stop_word: str | None = None, stop_words: list[str] | None = None,
                  generation_kwargs: dict | None = None) -> None:
         self.tokenizer = tokenizer
-        self.inputs = [evaluation_inputs] if isinstance(evaluation_inputs, str) else list(evaluation_inputs)
+        if isinstance(evaluation_inputs, str):
+            evaluation_inputs = [evaluation_inputs]
+        if not isinstance(evaluation_inputs, (list, tuple)) or not all(isinstance(t, str) for t in evaluation_inputs):
+            raise ConfigError(f"EvaluateChatHook evaluation_inputs (the evaluation_inputs setting) must be a list of "
+                              f"strings, got {evaluation_inputs!r}")
+        if system is not None and not isinstance(system, str):
+            raise ConfigError(f"EvaluateChatHook system (the SYSTEM setting) must be a string, got {system!r}")
+        self.inputs = list(evaluation_inputs)
         self.system = system or ""
         self.template = None if uses_chat_template(prompt_template) else get_template(prompt_template)
         if every_n_iters is not None and (isinstance(every_n_iters, bool) or not isinstance(every_n_iters, int)):

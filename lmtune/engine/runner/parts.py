@@ -109,6 +109,33 @@ def drop_foreign_hparams(cfg: Any) -> Any:
     return cfg
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_optimizer_and_schedule(optim_cfg: Any, scheduler_cfg: Any) -> None:
+    """The optimizer's learning rate and the schedules' windows, checked before anything is built: torch
+    takes ``lr=True`` for 1.0, and a window that ends before it begins would leave the lr untouched."""
+    optimizer = dict(optim_cfg or {}).get("optimizer")
+    if isinstance(optimizer, dict) and "lr" in optimizer:
+        lr = optimizer["lr"]
+        if not isinstance(lr, torch.Tensor) and (not _is_number(lr) or lr < 0):
+            raise ConfigError(f"optim_wrapper.optimizer.lr must be a non-negative number (the lr setting), "
+                              f"got {lr!r}")
+    cfgs = [] if scheduler_cfg is None else [scheduler_cfg] if isinstance(scheduler_cfg, dict) else list(scheduler_cfg)
+    for i, sched in enumerate(cfgs):
+        if not isinstance(sched, dict):
+            continue
+        begin, end = sched.get("begin", 0), sched.get("end")
+        for name, value in (("begin", begin), ("end", end)):
+            if value is not None and not _is_number(value):
+                raise ConfigError(f"param_scheduler.{i}.{name} must be a number, got {value!r}")
+        if end is not None and begin > end:
+            raise ConfigError(f"param_scheduler.{i} ({getattr(sched.get('type'), '__name__', sched.get('type'))}) "
+                              f"begins at {begin} but ends at {end}: its window is empty (check warmup_ratio and "
+                              "max_epochs)")
+
+
 def build_schedulers(cfg: Any, optim_wrapper: Any, epoch_length: int) -> list:
     """The learning-rate schedulers of ``param_scheduler`` (epoch bounds converted with ``epoch_length``)."""
     if cfg is None:
@@ -137,4 +164,5 @@ def build_hooks(default_hooks: Any, custom_hooks: Any) -> list[Hook]:
     return sorted(hooks, key=lambda h: priority_value(h.priority))
 
 
-__all__ = ["DEFAULT_HOOKS", "build_dataloader", "build_hooks", "build_optim_wrapper", "build_schedulers"]
+__all__ = ["DEFAULT_HOOKS", "build_dataloader", "build_hooks", "build_optim_wrapper", "build_schedulers",
+           "check_optimizer_and_schedule"]

@@ -17,7 +17,13 @@ from lmtune.core.dist import barrier, get_world_size, is_distributed, is_main_pr
 from lmtune.engine.checkpoint import Checkpointer
 from lmtune.engine.optim import StepSettings
 from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
-from lmtune.engine.runner.parts import build_dataloader, build_hooks, build_optim_wrapper, build_schedulers
+from lmtune.engine.runner.parts import (
+    build_dataloader,
+    build_hooks,
+    build_optim_wrapper,
+    build_schedulers,
+    check_optimizer_and_schedule,
+)
 from lmtune.engine.runner.setup import MessageHub, check_top_level_keys, set_random_seed, setup_logger
 from lmtune.engine.strategies import build_strategy
 
@@ -97,11 +103,12 @@ class Runner:
         check_model_config(cfg.get("model"))
         # hooks first: their settings are checked before any data or weights are loaded
         self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
+        # what an optimizer step is, and the optimizer's and schedules' values: checked before any data loads
+        step = StepSettings.from_config(cfg.get("optim_wrapper"))
+        check_optimizer_and_schedule(cfg.get("optim_wrapper"), cfg.get("param_scheduler"))
         self.train_dataloader = build_dataloader(cfg.get("train_dataloader"), self.seed, self.device,
                                                  self.mp_start_method)
-        # what an optimizer step is, checked once now (DeepSpeed's JSON is filled from it before the model loads)
-        self.strategy.configure(micro_batch_size(self.train_dataloader),
-                                StepSettings.from_config(cfg.get("optim_wrapper")))
+        self.strategy.configure(micro_batch_size(self.train_dataloader), step)  # DeepSpeed fills its JSON
         model = self._build_model(self.strategy.model_config(cfg.get("model")))
         # checkpoint weights go into the plain model, before it is wrapped or sharded
         if self._resume_state is not None:
