@@ -419,3 +419,20 @@ def test_xtuner_config_loads_and_builds_its_datasets(tmp_path, bin_folder, moss_
     if ms_module.importlib.util.find_spec("modelscope") is None:
         with pytest.raises(ConfigError, match="pip install modelscope"):
             build(cfg.ms_dataset)
+
+
+def test_arguments_datasets_removed_are_replaced_with_one_warning(tmp_path, caplog):
+    """XTuner's pgbooks configs pass load_dataset(..., ignore_verifications=True), which datasets 3 removed:
+    it runs as verification_mode='no_checks', with a warning naming the key."""
+    from datasets import load_dataset
+
+    from lmtune.config import build
+
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": "a"}, {"text": "b"}])
+    cfg = dict(type=load_dataset, path="json", data_files=str(tmp_path / "rows.jsonl"), split="train",
+               ignore_verifications=True, use_auth_token=None)
+    with caplog.at_level("WARNING", logger="lmtune"):
+        rows = build(cfg, key="train_dataset.dataset")
+    assert rows["text"] == ["a", "b"]
+    assert "train_dataset.dataset.ignore_verifications=True is passed as verification_mode='no_checks'" in caplog.text
+    assert "use_auth_token=None is passed as token=None" in caplog.text

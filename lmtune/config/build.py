@@ -136,6 +136,39 @@ def _check_local_path(fn: Callable, kwargs: dict, key: str | None) -> None:
                           "(set pretrained_model_name_or_path to a local model dir or a hub id)")
 
 
+# Arguments a library has since removed, as older configs (XTuner's) still pass them: (module, function) ->
+# {old name: (new name or None to drop, how a value becomes the new one)}. Each is replaced with one warning.
+RETIRED_ARGUMENTS: dict[tuple[str, str], dict[str, tuple[str | None, Callable[[Any], Any]]]] = {
+    ("datasets.load", "load_dataset"): {
+        "ignore_verifications": ("verification_mode", lambda v: "no_checks" if v else "basic_checks"),
+        "use_auth_token": ("token", lambda v: v),
+        "task": (None, lambda v: v),
+    },
+}
+
+
+def _replace_retired(fn: Callable, kwargs: dict, key: str | None) -> dict:
+    """``kwargs`` with the arguments ``fn``'s library removed replaced by their successors (one warning each)."""
+    retired = RETIRED_ARGUMENTS.get((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")))
+    if not retired or not set(kwargs) & set(retired):
+        return kwargs
+    from lmtune.core.device import warn_once
+
+    kwargs = dict(kwargs)
+    for old in sorted(set(kwargs) & set(retired)):
+        new, convert = retired[old]
+        value = kwargs.pop(old)
+        where = f"{key}." if key else ""
+        if new is None:
+            warn_once(f"{where}{old}={value!r} is dropped: {fn.__qualname__} no longer takes it")
+        elif new not in kwargs:
+            kwargs[new] = convert(value)
+            warn_once(f"{where}{old}={value!r} is passed as {new}={kwargs[new]!r}: {fn.__qualname__} renamed it")
+        else:
+            warn_once(f"{where}{old}={value!r} is dropped: {fn.__qualname__} no longer takes it and {new} is set")
+    return kwargs
+
+
 def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
     """Build ``cfg`` if it is a ``dict(type=...)``; return anything else unchanged.
 
@@ -153,6 +186,7 @@ def build(cfg: Any, key: str | None = None, **defaults: Any) -> Any:
     for name, value in defaults.items():
         if name not in kwargs and _takes(fn, name):
             kwargs[name] = value
+    kwargs = _replace_retired(fn, kwargs, key)
     check_kwargs(fn, kwargs, key)
     _check_local_path(fn, kwargs, key)
     call = next((c for c in (route(fn, kwargs) for route in CALL_ROUTES) if c is not None), fn)
