@@ -571,3 +571,21 @@ def test_override_of_a_config_that_fails_still_names_the_line(experiment):
     line = next(i for i, s in enumerate(text, 1) if "end=warmup_ratio * max_epochs" in s)
     assert f"{experiment}:{line}:" in str(err.value)
     assert "TypeError" in str(err.value)
+
+
+def test_override_values_name_no_callable_outside_the_config_packages(tmp_path):
+    """--cfg-options values are literals or components of lmtune, torch, transformers, peft, datasets,
+    bitsandbytes or deepspeed: a value naming os.system is refused before anything could call it."""
+    from lmtune.config import parse_overrides
+
+    mark = tmp_path / "ran"
+    for item in (f"custom_hooks=[{{'type': 'os.system', 'command': 'touch {mark}'}}]",
+                 "optim_type=subprocess.getoutput", "model.llm.type=os.system"):
+        with pytest.raises(ConfigError, match="may name classes and functions of bitsandbytes, datasets"):
+            parse_overrides([item])
+    assert not mark.exists()
+    ok = parse_overrides(["model.llm.torch_dtype=torch.bfloat16", "optim_type=torch.optim.SGD",
+                          "custom_hooks=[{'type': 'lmtune.engine.hooks.ThroughputHook'}]", "data_files=data.jsonl",
+                          "data_path=tatsu-lab/alpaca"])
+    assert ok["model.llm.torch_dtype"] is torch.bfloat16 and ok["optim_type"] is torch.optim.SGD
+    assert ok["data_files"] == "data.jsonl"

@@ -36,7 +36,38 @@ _OVERRIDE_VAR = "__lmtune_overrides__"
 # Packages whose dotted names (torch.optim.SGD, torch.bfloat16) a command-line value may name. Other
 # dotted text stays a string unless its package is already imported: `data.jsonl` must never import
 # and run a `data.py` that happens to sit in the working directory.
-VALUE_PACKAGES = {"torch", "transformers", "peft", "datasets", "bitsandbytes", "lmtune", "math"}
+# The packages whose classes and functions a --cfg-options value may name (``torch.bfloat16``,
+# ``type='torch.optim.SGD'``): a value is a literal or names a component of these, never any callable of
+# any installed module (``os.system``). A config file itself, being the user's code, may import anything.
+VALUE_PACKAGES = {"torch", "transformers", "peft", "datasets", "bitsandbytes", "deepspeed", "lmtune", "math"}
+
+
+def _foreign_dotted_name(text: str) -> bool:
+    """Whether ``text`` is a dotted name of an importable module outside ``VALUE_PACKAGES``."""
+    parts = text.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts) or parts[0] in VALUE_PACKAGES:
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(parts[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_value_names(value: Any, where: str) -> None:
+    """No string inside an override value names a component outside ``VALUE_PACKAGES`` (build() would import
+    and call it)."""
+    if isinstance(value, str):
+        if _foreign_dotted_name(value):
+            raise ConfigError(f"--cfg-options {where}={value!r}: a value may name classes and functions of "
+                              f"{', '.join(sorted(VALUE_PACKAGES))} only; set anything else in the config file")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_value_names(item, where)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            _check_value_names(item, where)
 
 
 def parse_value(text: str) -> Any:
@@ -46,8 +77,7 @@ def parse_value(text: str) -> Any:
     except (ValueError, SyntaxError):
         pass
     parts = text.split(".")
-    if len(parts) > 1 and all(p.isidentifier() for p in parts) and (
-            parts[0] in VALUE_PACKAGES or parts[0] in sys.modules):
+    if len(parts) > 1 and all(p.isidentifier() for p in parts) and parts[0] in VALUE_PACKAGES:
         obj = import_dotted(text)
         if obj is not None:
             return obj
@@ -61,7 +91,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--cfg-options expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
+        parsed = parse_value(value.strip())
+        _check_value_names(parsed, key.strip())
+        out[key.strip()] = parsed
     return out
 
 
