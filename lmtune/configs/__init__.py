@@ -56,7 +56,7 @@ def load_config(name: str | os.PathLike, overrides: dict[str, Any] | None = None
     path = resolve_config(str(name))
     if path.is_file():
         return Config.fromfile(path, overrides)
-    return Config.fromtext(config_text(path.stem), path, overrides)
+    return Config.fromtext(library.render_named(path.stem), path, overrides)  # a library config, not on disk
 
 
 __all__ = ["CONFIG_ROOT", "builtin_configs", "config_text", "load_config", "resolve_config"]

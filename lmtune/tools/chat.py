@@ -8,35 +8,36 @@ words and the EOS. This module loads the model and adapter, picks the template a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmtune.core.errors import ConfigError
 from lmtune.dataset.chat_template import has_chat_template
 from lmtune.dataset.templates import SYSTEM_TEMPLATE
 from lmtune.engine.chat import ChatSession
+from lmtune.engine.checkpoint.export import EXPORT_INFO, read_export_record
 
 __all__ = ["ChatSession", "add_parser", "default_prompt_template", "interactive", "load_for_chat",
            "recorded_export"]
 
-EXPORT_FILE = "lmtune_export.json"
 EXIT_COMMANDS = ("exit", "quit")
 RESET_COMMANDS = ("reset", "clear")
 DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def recorded_export(*dirs: str | Path | None) -> dict:
-    """The ``lmtune_export.json`` record of the first of ``dirs`` that has one, or {}."""
+    """The ``lmtune_export.json`` record of the first of ``dirs`` that has a readable one, or {}."""
     for d in dirs:
-        if d and (path := Path(d) / EXPORT_FILE).is_file():
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(record, dict):
-                return record
+        if not d:
+            continue
+        try:
+            record = read_export_record(d)
+        except ConfigError:
+            continue
+        if record is not None:
+            return record
     return {}
 
 
@@ -169,7 +170,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="PEFT adapter directory to load on top of the model")
     p.add_argument("--prompt-template", metavar="NAME",
                    help="PROMPT_TEMPLATE name, 'auto' (the tokenizer's chat template) or 'none' (plain text); "
-                        f"default: the one recorded in {EXPORT_FILE}, else 'auto' when the tokenizer has a "
+                        f"default: the one recorded in {EXPORT_INFO}, else 'auto' when the tokenizer has a "
                         "chat template, else plain text")
     system = p.add_mutually_exclusive_group()
     system.add_argument("--system", help="system prompt")

@@ -285,16 +285,21 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, save_dir: str | o
     return save_dir
 
 
-def _export_record(directory: Path) -> dict[str, Any]:
-    """The ``lmtune_export.json`` of an export directory ({} without one)."""
-    path = directory / EXPORT_INFO
+def read_export_record(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``lmtune_export.json`` of an export directory (None without one, or when it holds no object);
+    an unreadable one is a ConfigError naming it."""
+    path = Path(directory) / EXPORT_INFO
     if not path.is_file():
-        return {}
+        return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-    return info if isinstance(info, dict) else {}
+    return info if isinstance(info, dict) else None
+
+
+def _export_record(directory: Path) -> dict[str, Any]:
+    return read_export_record(directory) or {}
 
 
 def _carry_export_record(adapter: Path, save_dir: Path, base: str | os.PathLike) -> None:
