@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         runner = Runner.from_config(cfg, work_dir=args.work_dir, seed=args.seed,
                                     resume=args.resume if args.resume is not None else None,
-                                    strategy=args.strategy, deepspeed=args.deepspeed)
+                                    strategy=args.strategy, deepspeed=args.deepspeed, overwrite=args.overwrite)
         runner.train()
         finished = True
     finally:
@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override settings, e.g. lr=1e-4 optim_wrapper.clip_grad.max_norm=0.5")
     train.add_argument("--seed", type=int, help="random seed (overrides randomness.seed)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                       help="resume from the newest checkpoint in the work dir, or from PATH")
+                       help="continue the run whose checkpoints are in the work dir (from the checkpoint "
+                            "last_checkpoint names, or the run's newest sound one), or from PATH")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a work dir that holds an earlier run's checkpoints (without it "
+                            "such a run is refused); same-named checkpoints are replaced, the others kept")
     train.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none",
                        help="how the processes were started: none (NPROC_PER_NODE=N re-launches under torchrun), "
                             "pytorch (by torchrun) or slurm (by srun)")

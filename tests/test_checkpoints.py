@@ -17,7 +17,7 @@ import torch
 
 import lmtune
 from lmtune.cli import main
-from lmtune.config import Config
+from lmtune.config import Config, ConfigError
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.runner import Runner
 from lmtune.engine.runner.loops import NonFiniteLossError
@@ -162,6 +162,17 @@ def _corrupt(path: Path, how: str) -> None:
     elif how == "truncated_optimizer":
         data = (path / ckpt.OPTIMIZER).read_bytes()
         (path / ckpt.OPTIMIZER).write_bytes(data[: len(data) // 2])
+    elif how == "missing_optimizer":
+        (path / ckpt.OPTIMIZER).unlink()
+    elif how == "foreign_optimizer":  # another checkpoint's optimizer state copied in
+        (path / ckpt.OPTIMIZER).write_bytes((path.parent / "iter_2" / ckpt.OPTIMIZER).read_bytes() + b"\0")
+    elif how == "pickled_optimizer":  # an archive that unpickles arbitrary objects, of the size meta records
+        from fractions import Fraction
+
+        torch.save({"optim_wrapper": Fraction(1, 3)}, path / ckpt.OPTIMIZER)
+        meta = json.loads((path / ckpt.META).read_text())
+        meta["files"][ckpt.OPTIMIZER] = (path / ckpt.OPTIMIZER).stat().st_size
+        (path / ckpt.META).write_text(json.dumps(meta))
 
 
 def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, tiny_model_dir, oasst1_dir,
@@ -171,7 +182,8 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path,
     work = runner.work_dir
     names = [p.name for p in ckpt.list_checkpoints(work)]
     assert names == ["iter_2", "iter_4", "iter_6"]
-    for how in ("truncated_weights", "missing_trainer", "corrupt_meta", "garbage_trainer", "truncated_optimizer"):
+    for how in ("truncated_weights", "missing_trainer", "corrupt_meta", "garbage_trainer", "truncated_optimizer",
+                "missing_optimizer", "foreign_optimizer", "pickled_optimizer"):
         copy = tmp_path / how
         copy.mkdir()
         for name in names:
@@ -183,11 +195,87 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path,
         warnings: list[str] = []
         assert ckpt.find_latest(copy, warn=warnings.append) == copy / "iter_4", how
         assert len(warnings) == 1 and "iter_6" in warnings[0], (how, warnings)
+    assert "UnpicklingError" in warnings[0] or "weights_only" in warnings[0], warnings
     # the runner reports it and resumes from the previous one
     lmtune_log.clear()
     resumed = Runner.from_config(runner.cfg, work_dir=str(tmp_path / "truncated_weights"), resume=True)
     assert resumed.iter == 4
     assert any("iter_6 is incomplete or corrupt" in m for m in lmtune_log), lmtune_log
+    # every checkpoint damaged: --resume stops with the reasons instead of starting the run over
+    every = tmp_path / "pickled_optimizer"
+    for name in ("iter_2", "iter_4"):
+        _corrupt(every / name, "missing_trainer")
+    with pytest.raises(ConfigError, match="no checkpoint in .* can be resumed: iter_6 .*iter_4 .*iter_2"):
+        Runner.from_config(runner.cfg, work_dir=str(every), resume=True)
+    assert sorted(p.name for p in every.iterdir()) == ["iter_2", "iter_4", "iter_6", "last_checkpoint"]
+
+
+# ------------------------------------------------------------------ a run owns its checkpoints
+
+def _runner(tmp_path, model_dir, data_dir, name="w", run: dict | None = None, **extra) -> Runner:
+    cfg = Config.fromfile(SEED_CFG, overrides(model_dir, data_dir, **extra))
+    return Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=5, **(run or {}))
+
+
+def test_a_new_run_never_destroys_an_earlier_runs_checkpoints(tmp_path, tiny_model_dir, oasst1_dir, lmtune_log):
+    first = _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 6})
+    first.train()
+    work = first.work_dir
+    kept = {p.name: (p / ckpt.WEIGHTS).read_bytes() for p in ckpt.list_checkpoints(work)}
+    assert sorted(kept) == ["iter_2", "iter_4", "iter_6"]
+    entries = sorted(p.name for p in work.iterdir())
+    # a fresh run of an edited config into the same work dir is refused, before anything is written
+    with pytest.raises(ConfigError, match="earlier run .*--resume.*--work-dir.*--overwrite"):
+        _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 3, "save_total_limit": 1})
+    assert sorted(p.name for p in work.iterdir()) == entries
+    # --overwrite: the new run saves and prunes only its own checkpoints
+    second = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"overwrite": True},
+                     **{"train_cfg.max_iters": 3, "save_steps": 3, "save_total_limit": 1})
+    second.train()
+    assert second.run_id != first.run_id
+    assert {p.name: (p / ckpt.WEIGHTS).read_bytes() for p in ckpt.list_checkpoints(work, first.run_id)} == kept
+    assert ckpt.read_pointer(work) == ("iter_3", second.run_id)
+    # --resume follows last_checkpoint (iter_3 of the second run), not the highest number (the first's iter_6)
+    lmtune_log.clear()
+    resumed = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True},
+                      **{"train_cfg.max_iters": 5, "save_steps": 3, "save_total_limit": 1})
+    assert resumed.iter == 3 and resumed.run_id == second.run_id
+    assert any(f"Resumed run {second.run_id} from {work / 'iter_3'} at iteration 3 of 5" in m for m in lmtune_log)
+    resumed.train()
+    assert [p.name for p in ckpt.list_checkpoints(work, second.run_id)] == ["iter_5"]  # its own iter_3 pruned
+    assert {p.name: (p / ckpt.WEIGHTS).read_bytes() for p in ckpt.list_checkpoints(work, first.run_id)} == kept
+
+
+def test_resume_refuses_changed_optimizer_settings_and_says_when_the_run_is_over(tmp_path, tiny_model_dir,
+                                                                                 oasst1_dir, lmtune_log):
+    first = _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 4})
+    first.train()
+    effective = (first.work_dir / f"{first.config_name}.py").read_text()
+    # the checkpoint's optimizer state would keep lr=1e-3 while the dumped config said 5e-3: refused
+    with pytest.raises(ConfigError, match=r"optim_wrapper\.optimizer\.lr: 0\.001 -> 0\.005.*load_from="):
+        _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True}, **{"train_cfg.max_iters": 6, "lr": 5e-3})
+    assert (first.work_dir / f"{first.config_name}.py").read_text() == effective
+    # resuming the finished run says that nothing is left, and trains nothing
+    lmtune_log.clear()
+    again = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True}, **{"train_cfg.max_iters": 4})
+    assert any("nothing is left to train" in m and "max_iters" in m for m in lmtune_log), lmtune_log
+    again.train()
+    assert again.iter == 4 and [p.name for p in ckpt.list_checkpoints(first.work_dir)] == ["iter_2", "iter_4"]
+
+
+def test_resume_looks_in_the_checkpoint_hooks_out_dir(tmp_path, tiny_model_dir, oasst1_dir):
+    out = tmp_path / "checkpoints"
+    first = _runner(tmp_path, tiny_model_dir, oasst1_dir,
+                    **{"train_cfg.max_iters": 4, "default_hooks.checkpoint.out_dir": str(out)})
+    first.train()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["iter_2", "iter_4"]
+    assert not ckpt.list_checkpoints(first.work_dir)
+    resumed = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True},
+                      **{"train_cfg.max_iters": 6, "default_hooks.checkpoint.out_dir": str(out)})
+    assert resumed.iter == 4 and resumed.run_id == first.run_id
+    with pytest.raises(ConfigError, match="--overwrite"):  # and a fresh run is refused there too
+        _runner(tmp_path, tiny_model_dir, oasst1_dir, name="other",
+                **{"train_cfg.max_iters": 6, "default_hooks.checkpoint.out_dir": str(out)})
 
 
 # ------------------------------------------------------------------ failing saves
@@ -217,6 +305,24 @@ def test_disk_full_stops_the_cli_run_with_a_clear_message(tmp_path, tiny_model_d
     assert [p.name for p in ckpt.list_checkpoints(work)] == ["iter_2", "iter_4"]
     assert ckpt.find_latest(work).name == "iter_4"
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+def test_continue_on_error_still_fails_the_run_when_its_final_save_fails(tmp_path, tiny_model_dir, oasst1_dir,
+                                                                         monkeypatch):
+    runner = make_runner(tmp_path, tiny_model_dir, oasst1_dir,
+                         **{"train_cfg.max_iters": 6, "default_hooks.checkpoint.continue_on_error": True})
+    real_save, calls = torch.save, {"n": 0}
+
+    def full_disk_after_two_saves(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_after_two_saves)
+    with pytest.raises(OSError, match="saving checkpoint iter_6 .*No space left"):
+        runner.train()
+    assert [p.name for p in ckpt.list_checkpoints(runner.work_dir)] == ["iter_2", "iter_4"]
 
 
 def test_continue_on_error_logs_and_trains_on(tmp_path, tiny_model_dir, oasst1_dir, monkeypatch, lmtune_log):

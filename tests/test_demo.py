@@ -40,7 +40,7 @@ def test_demo_learns_and_checkpoints(tmp_path):
     assert after == ["Paris.", "Peru."], after
     assert before != after
 
-    assert (work / "last_checkpoint").read_text().strip() == "iter_680"
+    assert (work / "last_checkpoint").read_text().splitlines()[0] == "iter_680"
     assert (work / "iter_680" / "model.safetensors").is_file()
 
 

@@ -166,13 +166,13 @@ def test_betas_and_packing_reach_adamw(tmp_path, tiny_model_dir, oasst1_dir):
 
 # ------------------------------------------------------------------ exactness
 
-def _full_runner(tmp_path, tiny_model_dir, data_dir, name, **extra):
+def _full_runner(tmp_path, tiny_model_dir, data_dir, name, resume=None, **extra):
     nested = {"model.llm.quantization_config": None, "model.lora": None, "model.llm.torch_dtype": torch.float32,
               "optim_wrapper.dtype": "float32", "model.use_activation_checkpointing": False,
               "custom_hooks": [], "default_hooks.logger.interval": 1}
     nested.update(extra.pop("nested", {}))
     cfg = Config.fromfile(SEED_CFG, {**seed_overrides(tiny_model_dir, data_dir, **extra), **nested})
-    return Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=3)
+    return Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=3, resume=resume)
 
 
 def test_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir, oasst1_dir):
@@ -233,9 +233,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, oasst
 
     # a run that stopped after its checkpoint at iteration 4 (mid-epoch) continues from it
     cut = 4
-    resumed = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "whole", **kwargs)
-    resumed.load_checkpoint(whole.work_dir / f"iter_{cut}")
-    assert resumed.iter == cut
+    resumed = _full_runner(tmp_path, tiny_model_dir, oasst1_dir, "whole", resume=str(whole.work_dir / f"iter_{cut}"),
+                           **kwargs)
+    assert resumed.iter == cut and resumed.run_id == whole.run_id
     resumed.train()
     tail = [(s["iter"], s["loss"], s["lr"]) for s in scalars(resumed)]
     assert [t[0] for t in tail] == [t[0] for t in trace[cut:]]
@@ -290,7 +290,7 @@ def test_crash_during_save_leaves_previous_checkpoints_intact(tmp_path, tiny_mod
         runner.train()
     work = runner.work_dir
     assert [p.name for p in ckpt.list_checkpoints(work)] == ["iter_2", "iter_4"]
-    assert (work / ckpt.POINTER).read_text().strip() == "iter_4"
+    assert ckpt.read_pointer(work) == ("iter_4", runner.run_id)
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
     assert not (work / "iter_6").exists()
 

@@ -30,6 +30,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_object(value: object, src: int = 0) -> object:
+    """Rank ``src``'s ``value`` on every rank (the value itself in a single process)."""
+    if is_distributed():
+        box = [value]
+        dist.broadcast_object_list(box, src=src)
+        value = box[0]
+    return value
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -47,6 +47,7 @@ class RunView(Protocol):
     log_dir: Path
     logger: logging.Logger
     message_hub: Any  # scalars of the current iteration (MMEngine's MessageHub interface)
+    run_id: str  # this run's id: its checkpoints carry it (a resumed run keeps its checkpoint's)
     last_saved_iter: int | None
     last_saved_path: Path | None
 

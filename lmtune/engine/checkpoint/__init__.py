@@ -23,7 +23,10 @@ from lmtune.engine.checkpoint.format import (
     list_checkpoints,
     load_checkpoint,
     optimizer_shard_name,
+    read_meta,
+    read_pointer,
     remove_old,
+    run_of,
     save_checkpoint,
     staged_shard_path,
     verify_checkpoint,
@@ -33,7 +36,8 @@ from lmtune.engine.checkpoint.format import (
 
 __all__ = [
     "META", "OPTIMIZER", "POINTER", "SLOW_SAVE_ENV", "TRAINER", "WEIGHTS", "Checkpointer", "find_latest",
-    "is_complete", "list_checkpoints", "load_checkpoint", "optimizer_shard_name", "remove_old", "rng_state",
+    "is_complete", "list_checkpoints", "load_checkpoint", "optimizer_shard_name", "read_meta", "read_pointer",
+    "remove_old", "rng_state", "run_of",
     "save_checkpoint", "set_rng_state", "staged_shard_path", "verify_checkpoint", "write_staged_shard",
     "write_text_atomic",
 ]

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 import lmtune
-from lmtune.core.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
+from lmtune.core.dist import all_reduce_sum, broadcast_object, get_rank, get_world_size, is_main_process
 from lmtune.core.errors import ConfigError
 from lmtune.engine.checkpoint import format as ckpt
+from lmtune.engine.checkpoint import lineage
 
 
 def rng_state() -> dict:
@@ -47,12 +48,19 @@ def config_digest(config_text: str) -> str:
 
 
 class Checkpointer:
-    """Saves and restores one run. ``last_saved_iter`` / ``last_saved_path`` (rank 0) say what it wrote."""
+    """Saves and restores one run. ``last_saved_iter`` / ``last_saved_path`` (rank 0) say what it wrote.
+
+    ``directory`` is where the run's checkpoints go (``CheckpointHook(out_dir=...)`` or the work dir);
+    ``run_id`` names the run (``lineage``): drawn for a fresh run, adopted from the checkpoint on resume.
+    """
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.last_saved_iter: int | None = None
         self.last_saved_path: Path | None = None
+        self.directory: Path | None = None  # set by the runner once its hooks are built
+        self.run_id: str = lineage.new_run_id()
+        self.settings: dict[str, str] = {}
 
     @property
     def logger(self):
@@ -60,16 +68,56 @@ class Checkpointer:
 
     # -- choosing and reading ---------------------------------------------
     def resume_path(self, resume: bool | str, load_from: str | None) -> Path | None:
-        """The checkpoint to resume from: a given path, ``load_from`` or the newest in the work dir."""
+        """The checkpoint to resume from: a given path, ``load_from``, or the run ``last_checkpoint`` names
+        in the checkpoint directory (its newest sound checkpoint)."""
         if not resume:
             return None
         path = resume if isinstance(resume, (str, Path)) else load_from
         if path:
-            return Path(path)
-        found = ckpt.find_latest(self.runner.work_dir, warn=self.logger.warning)
+            path = Path(path)
+            reason = ckpt.verify_checkpoint(path) if path.is_dir() else None
+            if reason is not None:
+                raise ConfigError(f"cannot resume from {path}: {reason}. Pick another checkpoint, or run "
+                                  "--resume without a path to take the newest sound one")
+            return path
+        found = ckpt.find_latest(self.directory, warn=self.logger.warning)
         if found is None:
-            self.logger.warning(f"resume: no checkpoint in {self.runner.work_dir}; starting from scratch")
+            self.logger.warning(f"resume: no checkpoint in {self.directory}; starting from scratch")
         return found
+
+    def check_fresh(self, overwrite: bool) -> None:
+        """A fresh run does not write into a directory that holds another run's checkpoints, unless told to.
+
+        Rank 0 looks; every rank raises the same error."""
+        message = None
+        if is_main_process():
+            earlier = ckpt.list_checkpoints(self.directory)
+            if earlier:
+                newest = earlier[-1]
+                run = ckpt.run_of(newest)
+                what = f"{len(earlier)} checkpoint(s) of an earlier run (newest {newest.name}" + \
+                       (f", run {run})" if run else ")")
+                if overwrite:
+                    self.logger.warning(f"{self.directory} holds {what}; --overwrite: this run's checkpoints "
+                                        "replace same-named ones, the others are kept")
+                else:
+                    message = (f"{self.directory} holds {what}, which this run would write over: continue that "
+                               "run with --resume, choose another --work-dir, or pass --overwrite to start a new "
+                               "run there anyway")
+        message, self.run_id = broadcast_object((message, self.run_id))
+        if message:
+            raise ConfigError(message)
+
+    def continue_run(self, path: Path, state: dict) -> None:
+        """The resumed checkpoint's run becomes this run; its recorded settings must be this config's."""
+        changed = lineage.settings_differences(state["meta"].get("resume_settings"), self.settings)
+        if changed:
+            raise ConfigError(f"{path} was trained with other settings than this config's ({'; '.join(changed)}). "
+                              "A resumed run continues with the checkpoint's model, data, optimizer and schedule "
+                              f"state, so these cannot change on --resume: drop the changes, or start a new run "
+                              f"from its weights with --cfg-options load_from={str(path)!r} (and another "
+                              "--work-dir)")
+        self.run_id = state["meta"].get("run_id") or self.run_id
 
     @staticmethod
     def read(path: str | Path) -> dict:
@@ -111,7 +159,13 @@ class Checkpointer:
         set_rng_state(state["trainer"]["rng"])
         self.last_saved_iter = runner.train_loop.iter
         runner.call_hook("after_load_checkpoint", checkpoint=state)
-        self.logger.info(f"Resumed from {path} at iteration {runner.train_loop.iter}")
+        loop = runner.train_loop
+        self.logger.info(f"Resumed run {self.run_id} from {path} at iteration {loop.iter} of {loop.max_iters}")
+        if loop.iter >= loop.max_iters or loop.epoch >= loop.max_epochs:
+            self.logger.warning(f"{path} is the end of its run ({loop.iter} of {loop.max_iters} iterations): "
+                                "nothing is left to train. To train longer, raise train_cfg.max_epochs or "
+                                "max_iters (the schedule cannot change on resume), or start a new run from its "
+                                f"weights with --cfg-options load_from={str(path)!r}")
 
     def load(self, path: str | Path, resume: bool = True) -> None:
         """Load weights (``resume=False``) or the whole training state into a built, unwrapped run."""
@@ -124,6 +178,7 @@ class Checkpointer:
                               "resume=/load_from= to the Runner instead")
         runner.unwrapped_model.load_trainable_state_dict(state["weights"])
         if resume:
+            self.continue_run(Path(path), state)
             self.restore(Path(path), state)
         else:
             self.logger.info(f"Loaded weights from {path}")
@@ -138,7 +193,7 @@ class Checkpointer:
         """
         runner, strategy = self.runner, self.runner.strategy
         step = runner.completed_iters
-        work_dir = Path(out_dir or runner.work_dir)
+        work_dir = Path(out_dir) if out_dir else self.directory
         name = f"iter_{step}"
         weights = strategy.trainable_state_dict(runner.model)
         optimizer_state = None
@@ -151,7 +206,8 @@ class Checkpointer:
         meta = {"lmtune_version": lmtune.__version__, "iter": step, "epoch": runner.train_loop.epoch,
                 "seed": runner.seed, "config_sha256": config_digest(runner.config_text),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "strategy": strategy.name,
-                "world_size": get_world_size()}
+                "world_size": get_world_size(), "run_id": self.run_id, "optimizer": optimizer_state is not None,
+                "resume_settings": self.settings}
         shards: dict[str, Path] = {}
         if save_optimizer and strategy.sharded_optimizer:
             meta["optimizer_shards"] = get_world_size()

@@ -6,15 +6,18 @@ A checkpoint is a directory ``iter_N`` in the work dir:
 - ``optimizer.pt``: optimizer, loss scaler and scheduler states; under FSDP2 one
   ``optimizer.rank<R>.pt`` per rank instead (``meta.json`` says how many);
 - ``trainer_state.pt``: loop position and RNG states;
-- ``meta.json``: lmtune version, config digest, seed, iteration, written last.
+- ``meta.json``: lmtune version, run id, config digest, the settings a resume must share
+  (``lineage``), seed, iteration and the size of every file, written last.
 
 It is written into a hidden temporary directory and renamed into place, then
-the ``last_checkpoint`` file is replaced atomically; a crash mid-save leaves
-the previous checkpoints and pointer untouched. ``find_latest`` verifies the
-files of the newest checkpoint (safetensors header and size, readable trainer
-state, intact optimizer archive, parseable meta) and falls back, with a
-warning, to the previous one when they are not. Everything loads with
-``torch.load(weights_only=True)`` or safetensors: no pickled code runs on load.
+the ``last_checkpoint`` file (the checkpoint's name, then ``run_id=<id>``) is
+replaced atomically; a crash mid-save leaves the previous checkpoints and
+pointer untouched. ``find_latest`` starts from the pointer and considers only
+the pointer's run; it verifies a checkpoint's files (sizes as recorded,
+safetensors header, trainer state and optimizer state readable without running
+pickled code) and falls back, with a warning, to the run's previous checkpoint
+when they are not sound. Everything loads with ``torch.load(weights_only=True)``
+or safetensors: no pickled code runs on load.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import shutil
 import struct
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,7 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
             _test_slow_save()
         torch.save(trainer_state, tmp / TRAINER)
         _test_slow_save()
+        meta = {**meta, "files": {child.name: child.stat().st_size for child in sorted(tmp.iterdir())}}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         for child in tmp.iterdir():
             with open(child, "rb") as fh:
@@ -156,27 +159,58 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
         for source in move_in.values():
             Path(source).unlink(missing_ok=True)
         raise
-    write_text_atomic(work_dir / POINTER, name + "\n")
+    write_text_atomic(work_dir / POINTER, pointer_text(name, meta.get("run_id")))
     return final
+
+
+def pointer_text(name: str, run_id: str | None) -> str:
+    return f"{name}\n" + (f"run_id={run_id}\n" if run_id else "")
+
+
+def read_pointer(work_dir: str | os.PathLike) -> tuple[str | None, str | None]:
+    """``(checkpoint name, run id)`` of the work dir's ``last_checkpoint`` (``None`` for what it lacks)."""
+    try:
+        lines = (Path(work_dir) / POINTER).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    name = lines[0].strip() if lines and lines[0].strip() else None
+    run_id = next((line.split("=", 1)[1].strip() for line in lines[1:] if line.startswith("run_id=")), None)
+    return name, run_id or None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's ``meta.json`` ({} when it is missing or unreadable)."""
+    try:
+        meta = json.loads((Path(path) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def run_of(path: str | os.PathLike) -> str | None:
+    """The run id a checkpoint was saved by (None for checkpoints of lmtune before run ids)."""
+    return read_meta(path).get("run_id")
 
 
 def is_complete(path: Path) -> bool:
     return (path / META).is_file() and (path / WEIGHTS).is_file() and (path / TRAINER).is_file()
 
 
-def list_checkpoints(work_dir: str | os.PathLike) -> list[Path]:
-    """Complete ``iter_N`` checkpoints in the work dir, oldest first."""
+def list_checkpoints(work_dir: str | os.PathLike, run_id: str | None = None) -> list[Path]:
+    """Complete ``iter_N`` checkpoints in the work dir, oldest first; with ``run_id``, only that run's."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return []
     found = []
     for path in work_dir.iterdir():
         if path.is_dir() and path.name.startswith(("iter_", "epoch_")) and is_complete(path):
+            meta = read_meta(path)
             try:
-                step = int(json.loads((path / META).read_text())["iter"])
-            except (ValueError, KeyError, OSError):
+                step = int(meta["iter"])
+            except (ValueError, KeyError, TypeError):
                 continue
-            found.append((step, path))
+            if run_id is None or meta.get("run_id") == run_id:
+                found.append((step, path))
     return [path for _, path in sorted(found)]
 
 
@@ -196,10 +230,22 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"{size} bytes where the header describes {8 + length + end}")
 
 
+def _check_torch_file(path: Path) -> None:
+    """Readable as lmtune wrote it, without running pickled code; storages are mapped, not read."""
+    try:
+        torch.load(path, weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        torch.load(path, weights_only=True)  # a legacy (non-zip) archive cannot be mapped
+
+
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
     """Why the checkpoint directory cannot be resumed from, or None when it is sound.
 
-    Cheap checks only: the weights are not read, the trainer state (small) is.
+    Cheap checks only: the weights are not read; the trainer and optimizer states are unpickled with
+    ``weights_only=True`` and their tensors memory-mapped, so an archive holding pickled objects (or none
+    at all) is damage, like a truncated file or one of another size than the save wrote.
     """
     path = Path(path)
     for name in (META, WEIGHTS, TRAINER):
@@ -211,25 +257,25 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         shards = int(meta.get("optimizer_shards") or 0)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         return f"{META} is unreadable ({exc})"
+    for name, size in dict(meta.get("files") or {}).items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} is not the file this checkpoint saved ({(path / name).stat().st_size} bytes, {size} saved)"
     try:
         _check_safetensors(path / WEIGHTS)
     except (ValueError, KeyError, TypeError, OSError, struct.error) as exc:
         return f"{WEIGHTS} is corrupt ({exc})"
-    try:
-        torch.load(path / TRAINER, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
-        return f"{TRAINER} is unreadable ({type(exc).__name__}: {exc})"
-    archives = [path / optimizer_shard_name(r) for r in range(shards)]
-    if (path / OPTIMIZER).exists():
+    archives = [path / TRAINER] + [path / optimizer_shard_name(r) for r in range(shards)]
+    if (path / OPTIMIZER).exists() or (meta.get("optimizer") and not shards):
         archives.append(path / OPTIMIZER)
     for archive_path in archives:
         if not archive_path.is_file():
             return f"{archive_path.name} is missing"
         try:
-            with zipfile.ZipFile(archive_path) as archive:
-                archive.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            return f"{archive_path.name} is corrupt ({exc})"
+            _check_torch_file(archive_path)
+        except Exception as exc:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+            return f"{archive_path.name} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return None
 
 
@@ -240,31 +286,46 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None) -> Path | None:
-    """The newest sound checkpoint in the work dir.
+def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None,
+                run_id: str | None = None) -> Path | None:
+    """The checkpoint a resume continues from: ``last_checkpoint``'s when it is sound, else the newest sound
+    checkpoint of the same run (``run_id``, by default the pointer's; every checkpoint when neither says).
 
-    A newer ``iter_N``/``epoch_N`` directory that is incomplete or corrupt is reported through ``warn``
-    (default: the ``lmtune`` logger) and skipped, so a resume uses the previous complete one.
+    A damaged candidate is reported through ``warn`` (default: the ``lmtune`` logger) and skipped.
+    Raises ``ConfigError`` when the run has checkpoints but none of them is sound: starting over would
+    silently discard the run.
     """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return None
     warn = warn or logging.getLogger("lmtune").warning
+    pointed, pointer_run = read_pointer(work_dir)
+    run_id = run_id or pointer_run
     candidates = [p for p in work_dir.iterdir()
-                  if p.is_dir() and p.name.startswith(("iter_", "epoch_")) and _step_of(p) >= 0]
-    for path in sorted(candidates, key=lambda p: (_step_of(p), p.name), reverse=True):
+                  if p.is_dir() and p.name.startswith(("iter_", "epoch_")) and _step_of(p) >= 0
+                  and (run_id is None or run_of(p) in (run_id, None))]  # None: unreadable meta, reported below
+    ordered = sorted(candidates, key=lambda p: (p.name != pointed, -_step_of(p), p.name))
+    damaged = []
+    for path in ordered:
         reason = verify_checkpoint(path)
         if reason is None:
             return path
+        damaged.append(f"{path.name} ({reason})")
         warn(f"checkpoint {path} is incomplete or corrupt: {reason}; using the previous one")
+    if damaged:
+        raise ConfigError(f"no checkpoint in {work_dir} can be resumed: {'; '.join(damaged)}. Resume from a "
+                          "copy of a sound one with --resume PATH, or start a new run with another --work-dir")
     return None
 
 
-def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (``keep < 0``: keep all)."""
+def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = None,
+               run_id: str | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints of run ``run_id`` (``keep < 0``: keep all).
+
+    Checkpoints of other runs (and, when ``run_id`` is given, those without a run id) are never touched."""
     if keep is None or keep < 0:
         return []
-    complete = list_checkpoints(work_dir)
+    complete = list_checkpoints(work_dir, run_id=run_id)
     doomed = complete[: max(0, len(complete) - keep)]
     removed = []
     for path in doomed:

@@ -23,7 +23,9 @@ class CheckpointHook(Hook):
 
     A save that fails (disk full or any other error) leaves the previous
     checkpoints intact and stops the run with a ``CheckpointSaveError``;
-    ``continue_on_error=True`` logs the error and trains on instead. A model
+    ``continue_on_error=True`` logs the error and trains on instead, but a
+    failed final save still ends the run with the error (its last iterations
+    would otherwise be lost without a sign in the exit code). A model
     whose trainable weights are NaN/inf is never saved: the save is refused
     with a warning.
     """
@@ -61,7 +63,7 @@ class CheckpointHook(Hook):
         self.continue_on_error = bool(continue_on_error)
         self._pending = False
 
-    def _save(self, runner) -> None:
+    def _save(self, runner, final: bool = False) -> None:
         self._pending = False
         if runner.last_saved_iter == runner.completed_iters:
             return
@@ -77,7 +79,7 @@ class CheckpointHook(Hook):
             where = self.out_dir or runner.work_dir
             message = (f"saving checkpoint iter_{runner.completed_iters} in {where} failed: "
                        f"{type(exc).__name__}: {exc}. The previous checkpoints are intact")
-            if self.continue_on_error:
+            if self.continue_on_error and not final:
                 runner.logger.error(message + "; training continues (continue_on_error=True)")
                 return
             raise CheckpointSaveError(message + "; free space (or fix the cause) and continue with "
@@ -85,7 +87,7 @@ class CheckpointHook(Hook):
                                       "default_hooks.checkpoint.continue_on_error=True to train on "
                                       "without this checkpoint") from exc
         if is_main_process() and path is not None:
-            for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path):
+            for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path, run_id=runner.run_id):
                 runner.logger.info(f"Removed old checkpoint {old}")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
@@ -100,4 +102,4 @@ class CheckpointHook(Hook):
 
     def after_train(self, runner) -> None:
         if self.save_last or self._pending:
-            self._save(runner)
+            self._save(runner, final=True)

@@ -13,8 +13,9 @@ import torch
 import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.core.device import default_device
-from lmtune.core.dist import barrier, get_world_size, is_distributed, is_main_process
+from lmtune.core.dist import barrier, broadcast_object, get_world_size, is_main_process
 from lmtune.engine.checkpoint import Checkpointer
+from lmtune.engine.checkpoint.lineage import resume_settings
 from lmtune.engine.optim import StepSettings
 from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
 from lmtune.engine.runner.parts import (
@@ -43,7 +44,7 @@ class Runner:
 
     def __init__(self, cfg: Config, work_dir: str | None = None, seed: int | None = None,
                  resume: bool | str | None = None, load_from: str | None = None, strategy: Any = None,
-                 deepspeed: str | None = None) -> None:
+                 deepspeed: str | None = None, overwrite: bool = False) -> None:
         from lmtune.config.model_resource import apply_model_resource
 
         cfg = apply_model_resource(cfg)  # download before anything is built; rank 0 downloads, the others wait
@@ -57,13 +58,13 @@ class Runner:
         self.timestamp, self.log_dir = self._new_log_dir()
         barrier()
         try:
-            self._build(cfg, name, seed, resume, load_from, strategy, deepspeed)
+            self._build(cfg, name, seed, resume, load_from, strategy, deepspeed, overwrite)
         except BaseException:
             self._discard_log_dir()
             raise
 
     def _build(self, cfg: Config, name: str, seed: int | None, resume: bool | str | None, load_from: str | None,
-               strategy: Any, deepspeed: str | None) -> None:
+               strategy: Any, deepspeed: str | None, overwrite: bool) -> None:
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
         check_top_level_keys(cfg)
         sp_size = cfg.get("sequence_parallel_size", 1)
@@ -80,10 +81,19 @@ class Runner:
 
         self.visualizer = build_visualizer(cfg.get("visualizer"), self.log_dir, cfg)
 
+        # hooks first: their settings are checked before any data or weights are loaded, and the checkpoint
+        # hook says where this run's checkpoints are
+        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
+        self.checkpointer.directory = self._checkpoint_dir()
+        self.checkpointer.settings = resume_settings(cfg)
         resume = cfg.get("resume", False) if resume is None else resume
         load_from = load_from or cfg.get("load_from")
         self.resume_from = self.checkpointer.resume_path(resume, load_from)
         self._resume_state = self.checkpointer.read(self.resume_from) if self.resume_from else None
+        if self._resume_state is None:
+            self.checkpointer.check_fresh(overwrite)
+        else:
+            self.checkpointer.continue_run(self.resume_from, self._resume_state)
         randomness = dict(cfg.get("randomness") or {})
         if self._resume_state is not None:  # the resumed run is the same run: same seed, same data order
             saved = int(self._resume_state["trainer"]["seed"])
@@ -101,8 +111,6 @@ class Runner:
         from lmtune.model.ports import check_model_config
 
         check_model_config(cfg.get("model"))
-        # hooks first: their settings are checked before any data or weights are loaded
-        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         # what an optimizer step is, and the optimizer's and schedules' values: checked before any data loads
         step = StepSettings.from_config(cfg.get("optim_wrapper"))
         check_optimizer_and_schedule(cfg.get("optim_wrapper"), cfg.get("param_scheduler"))
@@ -132,6 +140,12 @@ class Runner:
         if self._resume_state is not None:
             self.checkpointer.restore(self.resume_from, self._resume_state)
         self._resume_state = None
+
+    def _checkpoint_dir(self) -> Path:
+        from lmtune.engine.checkpoint.hook import CheckpointHook
+
+        out_dirs = [hook.out_dir for hook in self.hooks if isinstance(hook, CheckpointHook) and hook.out_dir]
+        return Path(out_dirs[0]).resolve() if out_dirs else self.work_dir
 
     def _dump_config(self, name: str, randomness: dict) -> str:
         """Write the effective config (overrides applied, the seed actually used) as Python."""
@@ -199,10 +213,7 @@ class Runner:
                     break
                 except FileExistsError:
                     continue
-        if is_distributed():
-            box = [name]
-            torch.distributed.broadcast_object_list(box, src=0)
-            name = box[0]
+        name = broadcast_object(name)
         if name is None:
             raise ConfigError(f"cannot create a log directory in {self.work_dir}")
         return name, self.work_dir / name
@@ -284,6 +295,10 @@ class Runner:
     def load_checkpoint(self, path: str | Path, resume: bool = True) -> None:
         """Load weights (``resume=False``) or the whole training state of a built runner."""
         self.checkpointer.load(path, resume)
+
+    @property
+    def run_id(self) -> str:
+        return self.checkpointer.run_id
 
     @property
     def last_saved_iter(self) -> int | None:
