@@ -18,7 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     if launch.wants_relaunch(args.launcher):
         return launch.relaunch(args.argv)
     launch.init_distributed(args.launcher)
+    from lmtune.core.dist import is_main_process
     from lmtune.engine.runner import Runner
+    from lmtune.engine.runner.stop import EXIT_STOPPED, RunStopped
 
     finished = False
     try:
@@ -27,9 +29,35 @@ def _train(args: argparse.Namespace) -> int:
                                     strategy=args.strategy, deepspeed=args.deepspeed, overwrite=args.overwrite)
         runner.train()
         finished = True
+    except RunStopped as stopped:
+        finished = True  # every rank stopped at the same step and saved together
+        if is_main_process():
+            say(EXIT_STOPPED, f"lmtune: {stopped}. Continue with:\n  {resume_command(args.argv)}")
+        else:
+            say(EXIT_STOPPED, "")
+        return EXIT_STOPPED
     finally:
         launch.destroy_distributed(finished)
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The ``lmtune`` command line of ``argv`` that continues its run: ``--resume`` instead of any
+    ``--resume [PATH]`` or ``--overwrite`` it had."""
+    import shlex
+
+    kept, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if token.startswith("--resume=") or token == "--overwrite":
+            continue
+        kept.append(token)
+    return shlex.join(["lmtune", *kept, "--resume"])
 
 
 def _load(args: argparse.Namespace, fetch_model: bool = True):
@@ -180,17 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         if debug:
             raise
-        print(f"lmtune: error: {exc}", file=sys.stderr)
-        return 2
+        return say(2, f"lmtune: error: {exc}")
     except KeyboardInterrupt:
-        print("lmtune: interrupted", file=sys.stderr)
-        return 130
+        return say(130, "lmtune: interrupted")
     except Exception as exc:  # noqa: BLE001 - one line for the user, the trace with --debug
         if debug:
             raise
-        print(f"lmtune: {type(exc).__name__}: {exc}\n(run again with --debug for the full traceback)",
-              file=sys.stderr)
-        return 1
+        return say(1, f"lmtune: {type(exc).__name__}: {exc}\n(run again with --debug for the full traceback)")
+
+
+def say(code: int, message: str) -> int:
+    """Tell the user how the command ended; a worker of ``NPROC_PER_NODE=N lmtune train`` tells its agent,
+    which prints one answer for all ranks. Returns ``code``."""
+    from lmtune.engine.strategies.supervise import report_result
+
+    if not report_result(code, message) and message:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def alpaca_rows() -> list[dict]:
     ]
 
 
+def wait_for_logged_iterations(work: Path, proc, count: int, limit: float = 900) -> None:
+    """Until the run of ``proc`` in ``work`` has logged ``count`` iterations (AssertionError if it ends first)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(work.glob("*/scalars.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= count:
+            return
+        time.sleep(0.01)
+    stderr = proc.stderr.read()[-3000:] if proc.stderr and proc.poll() is not None else ""
+    raise AssertionError(f"the run did not reach iteration {count} (exit code {proc.poll()}) {stderr}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

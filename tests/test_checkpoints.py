@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_logged_iterations
 
 import lmtune
 from lmtune.cli import main
@@ -273,9 +274,33 @@ def test_resume_looks_in_the_checkpoint_hooks_out_dir(tmp_path, tiny_model_dir, 
     resumed = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True},
                       **{"train_cfg.max_iters": 6, "default_hooks.checkpoint.out_dir": str(out)})
     assert resumed.iter == 4 and resumed.run_id == first.run_id
+    resumed.train()
     with pytest.raises(ConfigError, match="--overwrite"):  # and a fresh run is refused there too
         _runner(tmp_path, tiny_model_dir, oasst1_dir, name="other",
                 **{"train_cfg.max_iters": 6, "default_hooks.checkpoint.out_dir": str(out)})
+
+
+def test_a_live_run_locks_its_work_dir_and_a_dead_runs_lock_is_taken_over(tmp_path, tiny_model_dir, oasst1_dir,
+                                                                           lmtune_log):
+    import socket
+
+    first = _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 2})
+    lock = first.work_dir / ".lmtune.lock"
+    assert f"pid={os.getpid()}" in lock.read_text()
+    # a second run, and a --resume, while the first lives: refused, naming the holder
+    for run in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(ConfigError, match=f"in use by a live lmtune run \\(pid {os.getpid()} on host "
+                                              f"{socket.gethostname()}"):
+            _runner(tmp_path, tiny_model_dir, oasst1_dir, run=run, **{"train_cfg.max_iters": 2})
+    first.train()
+    assert not lock.exists()  # released when the run ends
+    # a lock file whose process has died (kill -9 leaves one behind) is stale: the next run takes it over
+    lock.write_text("pid=999999\nhost=elsewhere\nsince=2026-01-01 00:00:00\n")
+    lmtune_log.clear()
+    again = _runner(tmp_path, tiny_model_dir, oasst1_dir, run={"resume": True}, **{"train_cfg.max_iters": 4})
+    assert any("stale lock" in m and "pid 999999 on host elsewhere" in m for m in lmtune_log), lmtune_log
+    again.train()
+    assert again.iter == 4 and not lock.exists()
 
 
 # ------------------------------------------------------------------ failing saves
@@ -428,3 +453,59 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
         for it, losses in trace.items():
             for loss in losses:
                 assert abs(loss - expected_trace[it][0]) <= 1e-6, f"trial {trial}, iter {it}: {losses}"
+
+
+# ------------------------------------------------------------------ stopping on a signal
+
+def _long_run_cmd(model_dir, data_dir, work: Path, iters: int, *flags: str) -> list[str]:
+    opts = [o for o in _cli_opts(model_dir, data_dir) if not o.startswith(("train_cfg.max_iters", "save_steps"))]
+    return [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work), *flags,
+            "--cfg-options", *opts, f"train_cfg.max_iters={iters}", "save_steps=1000"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_to_the_uninterrupted_run(
+        tmp_path, tiny_model_dir, oasst1_dir, signum):
+    from safetensors.torch import load_file
+
+    iters = 150
+    reference = tmp_path / "reference"
+    subprocess.run(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters), env=_env(), check=True,
+                   capture_output=True, timeout=1800)
+    work = tmp_path / "stopped"
+    proc = subprocess.Popen(_long_run_cmd(tiny_model_dir, oasst1_dir, work, iters), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_iterations(work, proc, 3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-2000:]
+    stopped = ckpt.find_latest(work)
+    step = int(stopped.name.split("_")[1])
+    assert 3 <= step < iters and ckpt.verify_checkpoint(stopped) is None
+    assert f"stopped by {signum.name} after iteration {step}; checkpoint {stopped} saved" in err, err[-2000:]
+    command = err.split("Continue with:\n", 1)[1].strip().splitlines()[0]
+    assert command.startswith("lmtune train ") and command.endswith(" --resume"), command
+    resume = [sys.executable, "-m", "lmtune.cli", *__import__("shlex").split(command)[1:]]
+    done = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = load_file(str(reference / f"iter_{iters}" / ckpt.WEIGHTS))
+    got = load_file(str(work / f"iter_{iters}" / ckpt.WEIGHTS))
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, oasst1_dir):
+    work = tmp_path / "w"
+    # slow saves (a test hook) keep the stop's save running while the second Ctrl-C arrives
+    proc = subprocess.Popen(_long_run_cmd(tiny_model_dir, oasst1_dir, work, 300), env=_env(slow=5.0),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_iterations(work, proc, 3)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 600
+    while not list(work.glob(".iter_*.tmp")) and time.monotonic() < deadline:  # the save has begun
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    assert "lmtune: interrupted" in err
+    assert not ckpt.list_checkpoints(work) and not list(work.glob(".iter_*"))

@@ -10,14 +10,16 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import OASST1_ROWS, write_jsonl
+from conftest import OASST1_ROWS, wait_for_logged_iterations, write_jsonl
 from safetensors.torch import load_file
 
 import lmtune
@@ -367,7 +369,7 @@ def test_slurm_environment_mapping():
 
 def test_torchrun_command_from_the_environment():
     cmd = launch.torchrun_command(["train", "cfg.py"], {"NPROC_PER_NODE": "8"})
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "lmtune.engine.strategies.agent"]  # torchrun's agent, run by lmtune
     assert "--nproc_per_node=8" in cmd and "--nnodes=1" in cmd and cmd[-4:] == ["train", "cfg.py", "--launcher",
                                                                                "pytorch"]
     assert any(a.startswith("--master_port=") and int(a.split("=")[1]) > 0 for a in cmd)
@@ -445,3 +447,70 @@ def test_a_hub_layout_internlm2_trains_sharded_resumes_and_exports_in_its_layout
     out = pth_to_hf(None, ckpt.find_latest(work), tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["model_type"] == "internlm2"
     assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(hub_dir / "model.safetensors")))
+
+
+# ------------------------------------------------------------------ signals, a dead launcher, one answer
+
+def _start(work: Path, opts: list[str], nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work), "--cfg-options", *opts]
+    return subprocess.Popen(cmd, env=_env(nproc), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _gone(pids: list[int], limit: float = 900) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def test_sigterm_to_a_two_rank_run_saves_on_every_rank_and_exits_75(tmp_path, tiny_model_dir, data_dir):
+    work = tmp_path / "w"
+    proc = _start(work, _opts(tiny_model_dir, data_dir, iters=400, save_steps=1000))
+    wait_for_logged_iterations(work, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 75, err[-3000:]
+    saved = ckpt.find_latest(work)
+    assert saved is not None and ckpt.verify_checkpoint(saved) is None
+    assert err.count("stopped by SIGTERM") == 1 and "--resume" in err, err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("victim", ["launcher", "agent"])
+def test_workers_end_when_their_launcher_dies(tmp_path, tiny_model_dir, data_dir, victim):
+    from lmtune.engine.strategies.supervise import descendants
+
+    work = tmp_path / "w"
+    proc = _start(work, _opts(tiny_model_dir, data_dir, iters=100000, save_steps=1000))
+    wait_for_logged_iterations(work, proc, 2)
+    tree = descendants(proc.pid)
+    agent = next(p for p in tree if "lmtune.engine.strategies.agent" in Path(f"/proc/{p}/cmdline").read_text())
+    workers = descendants(agent)
+    assert len(workers) >= 2
+    os.kill(proc.pid if victim == "launcher" else agent, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert _gone(workers), f"workers still running after the {victim} was killed"
+    # they were told to stop (SIGTERM), so they saved on the way out
+    assert ckpt.find_latest(work) is not None
+
+
+def test_a_user_error_in_the_workers_is_told_once_with_the_single_process_exit_code(tmp_path, tiny_model_dir,
+                                                                                    data_dir):
+    opts = _opts(tiny_model_dir, data_dir, max_length=1)  # refused by the runner, in every worker
+    one = train(tmp_path / "one", opts, nproc=1, check=False)
+    two = train(tmp_path / "two", opts, nproc=2, check=False)
+    assert one.returncode == two.returncode == 2, _failure_report(two)
+    error = [line for line in one.stderr.splitlines() if line.startswith("lmtune: error:")]
+    assert len(error) == 1 and "max_length" in error[0], one.stderr[-3000:]
+    assert [line for line in two.stderr.splitlines() if line.startswith("lmtune: error:")] == error, two.stderr
+    assert "Traceback" not in two.stderr and "ChildFailedError" not in two.stderr, two.stderr[-3000:]

@@ -90,6 +90,10 @@ class CheckpointHook(Hook):
             for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path, run_id=runner.run_id):
                 runner.logger.info(f"Removed old checkpoint {old}")
 
+    def save_now(self, runner) -> None:
+        """Save the run as it is (a stop on a signal): where and how this hook saves, errors raised."""
+        self._save(runner, final=True)
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if not self.by_epoch and self.every_n_iters(runner, self.interval) and runner.iter + 1 >= self.save_begin:
             self._pending = True

@@ -9,6 +9,7 @@ import torch
 
 from lmtune.core.dist import all_reduce_sum, get_world_size
 from lmtune.core.errors import ConfigError
+from lmtune.engine.runner.stop import StopTraining
 from lmtune.model.loss import count_target_tokens
 
 
@@ -149,7 +150,12 @@ class TrainLoop:
         runner = self.runner
         model, optim = runner.model, runner.optim_wrapper
         local_tokens = sum(count_target_tokens(batch["labels"]) for batch in group)
-        step_tokens = float(all_reduce_sum(torch.tensor(float(local_tokens), device=runner.device)))
+        # the stop flag rides along: every rank learns of a stop request (SIGTERM, Ctrl-C) at the same step
+        stop = float(runner.stop_requests.requested is not None)
+        totals = all_reduce_sum(torch.tensor([float(local_tokens), stop], device=runner.device))
+        step_tokens, stops = (float(v) for v in totals)
+        if stops:
+            raise StopTraining(f"{int(stops)} rank(s) were asked to stop")
         scale = get_world_size() / max(step_tokens, 1.0)
         loss_finite = True
         for k, batch in enumerate(group):

@@ -17,6 +17,7 @@ from lmtune.core.dist import barrier, broadcast_object, get_world_size, is_main_
 from lmtune.engine.checkpoint import Checkpointer
 from lmtune.engine.checkpoint.lineage import resume_settings
 from lmtune.engine.optim import StepSettings
+from lmtune.engine.runner.lock import WorkDirLock
 from lmtune.engine.runner.loops import TrainLoop, micro_batch_size
 from lmtune.engine.runner.parts import (
     build_dataloader,
@@ -26,6 +27,7 @@ from lmtune.engine.runner.parts import (
     check_optimizer_and_schedule,
 )
 from lmtune.engine.runner.setup import MessageHub, check_top_level_keys, set_random_seed, setup_logger
+from lmtune.engine.runner.stop import RunStopped, StopRequests, StopTraining
 from lmtune.engine.strategies import build_strategy
 
 logger = logging.getLogger("lmtune")
@@ -52,6 +54,8 @@ class Runner:
         self.device = default_device()
         self.message_hub = MessageHub()
         self.checkpointer = Checkpointer(self)
+        self.stop_requests = StopRequests()
+        self._locks: list[WorkDirLock] = []
         name = Path(getattr(cfg, "filename", "config.py")).stem
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name).resolve()
         self._made_work_dir = not self.work_dir.exists()
@@ -60,6 +64,7 @@ class Runner:
         try:
             self._build(cfg, name, seed, resume, load_from, strategy, deepspeed, overwrite)
         except BaseException:
+            self._release_locks()
             self._discard_log_dir()
             raise
 
@@ -85,6 +90,7 @@ class Runner:
         # hook says where this run's checkpoints are
         self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
         self.checkpointer.directory = self._checkpoint_dir()
+        self._lock_dirs()
         self.checkpointer.settings = resume_settings(cfg)
         resume = cfg.get("resume", False) if resume is None else resume
         load_from = load_from or cfg.get("load_from")
@@ -140,6 +146,31 @@ class Runner:
         if self._resume_state is not None:
             self.checkpointer.restore(self.resume_from, self._resume_state)
         self._resume_state = None
+
+    def _lock_dirs(self) -> None:
+        """Rank 0 locks the work dir (and a separate checkpoint dir) for the life of the run; every rank
+        raises the same error when another live run holds one."""
+        message = None
+        if is_main_process():
+            for directory in dict.fromkeys([self.work_dir, self.checkpointer.directory]):
+                lock = WorkDirLock(directory)
+                try:
+                    lock.acquire()
+                except ConfigError as exc:
+                    message = str(exc)
+                    break
+                self._locks.append(lock)
+                if lock.previous_holder:
+                    self.logger.info(f"took over the stale lock of {directory} (its run, {lock.previous_holder}, "
+                                     "has ended)")
+        message = broadcast_object(message)
+        if message:
+            raise ConfigError(message)
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
 
     def _checkpoint_dir(self) -> Path:
         from lmtune.engine.checkpoint.hook import CheckpointHook
@@ -309,20 +340,41 @@ class Runner:
         return self.checkpointer.last_saved_path
 
     # -- running ---------------------------------------------------------
+    def _stopped(self) -> RunStopped:
+        """Save the run where it stopped (every rank takes part) and say so."""
+        from lmtune.engine.checkpoint.hook import CheckpointHook
+
+        hook = next((h for h in self.hooks if isinstance(h, CheckpointHook)), None)
+        if hook is not None:
+            hook.save_now(self)
+        elif self.last_saved_iter != self.completed_iters:
+            self.save_checkpoint()
+        saved = self.last_saved_path if self.last_saved_iter == self.completed_iters else None
+        stopped = RunStopped(self.stop_requests.requested or "a signal", self.completed_iters, saved, self.work_dir)
+        self.logger.warning(str(stopped))
+        return stopped
+
     def train(self) -> torch.nn.Module:
+        """Run the loop to its end; on SIGTERM or a first Ctrl-C, save and raise ``RunStopped``."""
         start = self.completed_iters
         try:
-            self.call_hook("before_run")
-            self.model.train()
-            model = self.train_loop.run()
-            self.call_hook("after_run")
+            with self.stop_requests:
+                self.call_hook("before_run")
+                self.model.train()
+                try:
+                    model = self.train_loop.run()
+                except StopTraining:
+                    raise self._stopped() from None
+                self.call_hook("after_run")
         except BaseException as exc:
+            self._release_locks()
             if self.completed_iters == start and self.last_saved_path is None:
                 self._discard_log_dir()
             else:
                 self._record_failure(exc)
             raise
         finally:
+            self._release_locks()
             if self.visualizer is not None:
                 self.visualizer.close()
         return model

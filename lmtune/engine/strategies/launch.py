@@ -14,7 +14,6 @@ import datetime
 import os
 import re
 import socket
-import subprocess
 import sys
 from collections.abc import Mapping
 
@@ -70,24 +69,34 @@ def torchrun_command(argv: list[str], environ: Mapping[str, str] | None = None) 
         port = str(free_port())
     if nnodes > 1 and not environ.get("ADDR"):
         raise ConfigError("a multi-node run needs ADDR: the address of the node with NODE_RANK=0")
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+    return [sys.executable, "-m", "lmtune.engine.strategies.agent", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
             f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}", "--max_restarts=0",
             "-m", "lmtune.cli", *argv, "--launcher", "pytorch"]
 
 
 def relaunch(argv: list[str]) -> int:
-    """Run ``lmtune <argv>`` under torchrun and return its exit code.
+    """Run ``lmtune <argv>`` under torchrun's agent and return the exit code a single process would give.
 
-    torchrun stops every worker as soon as one fails, so a rank that raises ends the
-    whole run promptly instead of leaving the others waiting in a collective.
+    The agent stops every worker as soon as one fails, so a rank that raises ends the whole run promptly
+    instead of leaving the others waiting in a collective. SIGTERM and Ctrl-C are passed on: the workers
+    save and stop (``supervise``). ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (default 300 s) is how long the agent
+    waits for that save before it kills them.
     """
+    import shutil
+    import tempfile
+
+    from lmtune.engine.strategies.supervise import RESULTS_ENV, run_supervised
+
     command = torchrun_command(argv)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _env_int(env, "NPROC_PER_NODE", 1))))
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    results = tempfile.mkdtemp(prefix="lmtune-ranks-")
+    env[RESULTS_ENV] = results
     try:
-        return subprocess.run(command, env=env, check=False).returncode
-    except KeyboardInterrupt:
-        return 130
+        return run_supervised(command, env)
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ Slurm
@@ -149,6 +158,10 @@ def init_distributed(launcher: str, timeout_minutes: float = 30.0) -> bool:
                           "NPROC_PER_NODE=N and leave --launcher out")
     if dist.is_initialized():
         return dist.get_world_size() > 1
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent: end (after a save) if it dies
+        from lmtune.engine.strategies.supervise import die_with_parent
+
+        die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
