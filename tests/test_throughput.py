@@ -178,3 +178,46 @@ def test_config_with_throughput_hook_trains_and_logs_consistent_numbers(tmp_path
             assert math.isclose(line[key], row["last"][key]), key
     console = (runner.log_dir / f"{runner.timestamp}.log").read_text()
     assert "tokens_per_sec: " in console and "tflops: " in console and "mfu: " in console
+
+
+class BatchRecorder(Hook):
+    """Keeps each iteration's non-pad tokens and time, as the loop saw them."""
+
+    priority = 57
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float]] = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self.rows.append((sum(sample_lengths(data_batch)), runner.message_hub.get("time")))
+
+
+def test_every_log_line_of_the_seed_config_carries_tokens_per_second_and_the_steps_tokens(tmp_path, tiny_model_dir,
+                                                                                            oasst1_dir):
+    # the seed config's own hooks (no ThroughputHook), logging every 3 iterations, 2 micro-batches a step,
+    # and no terminal: the plain log lines of Slurm, CI or nohup
+    cfg = Config.fromfile(SEED_CFG, {
+        "pretrained_model_name_or_path": tiny_model_dir, "data_path": oasst1_dir, "max_length": 64,
+        "train_cfg.max_epochs": None, "train_cfg.max_iters": 9, "accumulative_counts": 2, "save_steps": 1000,
+        "evaluation_freq": 1000, "model.llm.quantization_config": None, "default_hooks.logger.interval": 3,
+        "pack_to_max_length": False, "batch_size": 2})
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    assert not any(isinstance(h, ThroughputHook) for h in runner.hooks)  # none on a CPU: its peak is unknown
+    recorder = BatchRecorder()
+    runner.hooks = sorted([*runner.hooks, recorder], key=lambda h: priority_value(h.priority))
+    runner.train()
+    logged = [json.loads(line) for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in logged] == [3, 6, 9]
+    for row in logged:
+        window = recorder.rows[row["iter"] - 3: row["iter"]]
+        tokens, seconds = sum(t for t, _ in window), sum(s for _, s in window)
+        assert row["tokens_per_sec"] == pytest.approx(tokens / seconds, rel=1e-9)
+        assert row["tokens_per_sec"] * row["time"] * 3 == pytest.approx(tokens, rel=1e-6)
+        # the window's last complete step: steps are iterations (1, 2), (3, 4), ..., (7, 8) and (9), the run's end
+        ends = [0, 2, 4, 6, 8, 9]
+        end = max(e for e in ends if e <= row["iter"])
+        step = recorder.rows[ends[ends.index(end) - 1]: end]
+        assert row["step_tokens"] == sum(t for t, _ in step)
+    console = [line for line in (runner.log_dir / f"{runner.timestamp}.log").read_text().splitlines()
+               if "Iter(train)" in line]
+    assert len(console) == 3 and all("tokens_per_sec: " in line and "step_tokens: " in line for line in console)

@@ -145,8 +145,11 @@ def _console_handlers(log: logging.Logger) -> list[logging.StreamHandler]:
 
 
 class LoggerHook(Hook):
-    """Every ``interval`` iterations: iteration, lr, loss, grad norm, time, ETA and memory (and the
-    throughput, ``tokens_per_sec``/``tflops``/``mfu``, when a hook puts it in the message hub).
+    """Every ``interval`` iterations: iteration, lr, loss, grad norm, time, ETA, memory and throughput:
+    ``tokens_per_sec`` (non-pad input tokens of all ranks per second over the logging window) and
+    ``step_tokens`` (non-pad tokens of the window's last optimizer step, all ranks), on every line,
+    terminal or not; ``tflops`` and ``mfu`` (window averages) when ``ThroughputHook`` measures them
+    (added by default on a GPU whose peak is known).
 
     The same scalars go to ``<log_dir>/scalars.jsonl``, one JSON object per line, and to the runner's
     visualizer when the config sets one (TensorBoard, Weights & Biases, MLflow), with the iteration as the
@@ -185,6 +188,10 @@ class LoggerHook(Hook):
     def _reset(self) -> None:
         self._loss_sum = 0.0
         self._tokens = 0
+        self._input_tokens = 0
+        self._step_tokens: int | None = None
+        self._measured: dict[str, float] = {}  # ThroughputHook's tflops/mfu, weighted by iteration time
+        self._measured_time = 0.0
         self._times: list[float] = []
         self._grad_norms: list[float] = []
 
@@ -231,15 +238,28 @@ class LoggerHook(Hook):
             fields.append(f"mfu {throughput['mfu']:.3g}")
         return fields
 
-    @staticmethod
-    def _throughput(runner, outputs: dict) -> dict[str, float]:
+    def _measure(self, runner, outputs: dict, step_time: float) -> None:
+        """Add the iteration to the window's throughput: its tokens, and ThroughputHook's tflops/mfu."""
+        self._input_tokens += int(outputs.get("input_tokens", 0))
+        if outputs.get("step_tokens") is not None:
+            self._step_tokens = int(outputs["step_tokens"])
         hub = getattr(runner, "message_hub", None)
-        found = {}
-        for key in THROUGHPUT_KEYS:
+        measured = False
+        for key in ("tflops", "mfu"):
             value = hub.get(key) if hub is not None else None
             value = _as_float(outputs.get(key) if value is None else value)
             if value is not None:
-                found[key] = value
+                self._measured[key] = self._measured.get(key, 0.0) + value * step_time
+                measured = True
+        if measured:
+            self._measured_time += step_time
+
+    def _throughput(self) -> dict[str, float]:
+        """The window's throughput: tokens/s over its time, tflops/mfu averaged over it."""
+        seconds = sum(self._times)
+        found = {"tokens_per_sec": self._input_tokens / seconds} if seconds > 0 and self._input_tokens else {}
+        if self._measured_time > 0:
+            found.update({key: total / self._measured_time for key, total in self._measured.items()})
         return found
 
     # -- the run -------------------------------------------------------------
@@ -265,8 +285,9 @@ class LoggerHook(Hook):
         self._times.append(step_time)
         self._run_time += step_time
         self._run_iters += 1
+        self._measure(runner, outputs, step_time)
         last = self.is_last_iter(runner)
-        throughput = self._throughput(runner, outputs)
+        throughput = self._throughput()
         if not (self.every_n_iters(runner, self.interval) or (last and not self.ignore_last)):
             if self._bar is not None:
                 self._bar.update(runner.iter + 1, self._bar_fields(runner, throughput))
@@ -281,6 +302,8 @@ class LoggerHook(Hook):
             scalars["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
         scalars["memory"] = peak_memory_mib()
         scalars.update(throughput)
+        if self._step_tokens is not None:
+            scalars["step_tokens"] = self._step_tokens
         # the mean over the whole run so far: one slow interval (an evaluation, a busy machine) moves it little
         eta = self._run_time / self._run_iters * (runner.max_iters - runner.iter - 1)
         self._reset()
@@ -302,6 +325,8 @@ class LoggerHook(Hook):
             parts.append(f"grad_norm: {scalars['grad_norm']:.4f}")
         parts += [f"{key}: {throughput[key]:{THROUGHPUT_FORMATS[key]}}" for key in THROUGHPUT_KEYS
                   if key in throughput]
+        if "step_tokens" in scalars:
+            parts.append(f"step_tokens: {scalars['step_tokens']}")
         runner.logger.info("  ".join(parts))
         with open(self._path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(scalars) + "\n")

@@ -9,6 +9,7 @@ import torch
 
 from lmtune.core.dist import all_reduce_sum, get_world_size
 from lmtune.core.errors import ConfigError
+from lmtune.engine.flops import sample_lengths
 from lmtune.engine.runner.stop import StopTraining
 from lmtune.model.loss import count_target_tokens
 
@@ -150,10 +151,12 @@ class TrainLoop:
         runner = self.runner
         model, optim = runner.model, runner.optim_wrapper
         local_tokens = sum(count_target_tokens(batch["labels"]) for batch in group)
-        # the stop flag rides along: every rank learns of a stop request (SIGTERM, Ctrl-C) at the same step
+        # one reduction for the step: its target tokens, a stop request (SIGTERM, Ctrl-C) on any rank, and the
+        # non-pad input tokens of each micro-batch (for the logged tokens/s)
         stop = float(runner.stop_requests.requested is not None)
-        totals = all_reduce_sum(torch.tensor([float(local_tokens), stop], device=runner.device))
-        step_tokens, stops = (float(v) for v in totals)
+        local = [float(local_tokens), stop, *(float(sum(sample_lengths(batch))) for batch in group)]
+        totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=runner.device)).tolist()
+        step_tokens, stops, input_tokens = totals[0], totals[1], totals[2:]
         if stops:
             raise StopTraining(f"{int(stops)} rank(s) were asked to stop")
         scale = get_world_size() / max(step_tokens, 1.0)
@@ -171,11 +174,12 @@ class TrainLoop:
             if get_world_size() > 1:  # the logged loss is that of all ranks' tokens, as in one process
                 loss_sum, num_tokens = all_reduce_sum(torch.stack([loss_sum, num_tokens])).unbind()
             outputs = {"loss": float(loss_sum / num_tokens.clamp(min=1)), "loss_sum": float(loss_sum),
-                       "num_tokens": int(num_tokens)}
+                       "num_tokens": int(num_tokens), "input_tokens": int(input_tokens[k])}
             loss_finite = loss_finite and math.isfinite(outputs["loss_sum"])
             if last:
                 outputs["grad_norm"] = optim.step(loss_finite=loss_finite)
-                outputs["step_tokens"] = step_tokens
+                outputs["step_tokens"] = int(sum(input_tokens))  # non-pad input tokens of the step, all ranks
+                outputs["step_target_tokens"] = step_tokens
                 if getattr(optim, "skipped", False):
                     self._report_skipped(outputs)
             self.at_step_boundary = last

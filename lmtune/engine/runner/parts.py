@@ -145,8 +145,11 @@ def build_schedulers(cfg: Any, optim_wrapper: Any, epoch_length: int) -> list:
             for i, c in enumerate(cfgs)]
 
 
-def build_hooks(default_hooks: Any, custom_hooks: Any) -> list[Hook]:
-    """The hooks of ``default_hooks`` (over lmtune's defaults) and ``custom_hooks``, in priority order."""
+def build_hooks(default_hooks: Any, custom_hooks: Any, device: Any = None) -> list[Hook]:
+    """The hooks of ``default_hooks`` (over lmtune's defaults) and ``custom_hooks``, in priority order.
+
+    On a GPU whose peak FLOP/s is known, a ``ThroughputHook`` is added when the config has none, so
+    every log line carries TFLOP/s and MFU."""
     merged = dict(DEFAULT_HOOKS)
     merged.update(dict(default_hooks or {}))
     cfgs = [(f"default_hooks.{name}", c) for name, c in merged.items() if c is not None]
@@ -161,6 +164,12 @@ def build_hooks(default_hooks: Any, custom_hooks: Any) -> list[Hook]:
         if priority is not None:
             hook.priority = priority
         hooks.append(hook)
+    from lmtune.engine.hooks.throughput import ThroughputHook, gpu_peak_tflops
+
+    if (device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+            and gpu_peak_tflops(torch.cuda.get_device_name(device))
+            and not any(isinstance(h, ThroughputHook) for h in hooks)):
+        hooks.append(ThroughputHook())
     return sorted(hooks, key=lambda h: priority_value(h.priority))
 
 

@@ -88,7 +88,7 @@ class Runner:
 
         # hooks first: their settings are checked before any data or weights are loaded, and the checkpoint
         # hook says where this run's checkpoints are
-        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"))
+        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"), self.device)
         self.checkpointer.directory = self._checkpoint_dir()
         self._lock_dirs()
         self.checkpointer.settings = resume_settings(cfg)
