@@ -355,3 +355,51 @@ def test_eos_stays_trained_when_pad_is_eos(mistral_v1):
     assert trained_eos == 2 + 1 + 1  # every answer's EOS, however the rows were packed and padded
     for i, n in enumerate(lengths):
         assert (labels[i, n:] == IGN).all() and (ids[i, n:] == eos).all()
+
+
+# ------------------------------------------------------------------ rows far longer than max_length
+
+def _long_text(seed: int, words: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocabulary = ["the", "model", "learns", "上海", "景点", "naïve", "1234", "  ", "\n", "===", "reward", "étude",
+                  "tokens", ",", ".", "(", ")", "function", "x_1", "你好", "🙂"]
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "mistral_v1"])
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_a_row_far_longer_than_max_length_is_cut_before_tokenizing_to_the_same_sample(request, monkeypatch,
+                                                                                      name, chat_template):
+    tokenizer = request.getfixturevalue(name)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        pytest.skip("no chat template")
+    huge = _long_text(0, 120_000)  # about 700,000 characters
+    turn = {"input": "Summarise this:\n" + huge, "output": "It is long. " + _long_text(1, 30), "system": "Be brief."}
+    if chat_template:
+        turn["chat_template"] = True
+    seen: list[int] = []
+    cls = type(tokenizer)
+    for method in ("__call__", "encode"):
+        real = getattr(cls, method)
+
+        def recording(self, text, *args, _real=real, **kwargs):
+            seen.append(max(map(len, text)) if isinstance(text, list) else len(text))
+            return _real(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, recording)
+    cut = ConversationEncoder(tokenizer, 128)
+    got = cut({"conversation": [turn]})
+    assert cut.budget is not None and max(seen) <= cut.budget + 2000  # the cut text (and the template) only
+    assert cut.budget < len(huge) / 10
+    whole = ConversationEncoder(tokenizer, 128)
+    whole.budget = None
+    if whole._chat_encoder is None and chat_template:
+        from lmtune.dataset.chat_template import ChatTemplateEncoder
+
+        whole._chat_encoder = ChatTemplateEncoder(tokenizer, 128)
+        whole._chat_encoder.budget = None
+    monkeypatch.undo()
+    expected = whole({"conversation": [turn]})
+    assert got == expected and got["truncated"] and got["length"] == 128

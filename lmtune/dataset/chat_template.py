@@ -28,7 +28,7 @@ from typing import Any
 
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
-from lmtune.dataset.truncation import truncate
+from lmtune.dataset.truncation import cut_is_enough, text_budget, truncate
 
 __all__ = [
     "CHAT_TEMPLATE_KEY",
@@ -106,6 +106,7 @@ class ChatTemplateEncoder:
         self.max_length = max_length
         # Added tokens (special or not) are the turn markers a template writes.
         self.marker_ids = frozenset(int(i) for i in tokenizer.added_tokens_decoder)
+        self.budget = text_budget(tokenizer, max_length)  # characters of one message that can reach the sample
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not messages:
@@ -117,6 +118,15 @@ class ChatTemplateEncoder:
         messages, trained = conversation_to_messages(conversation)
         if not messages:
             return {"input_ids": [], "labels": [], "length": 0}
+        budget = self.budget
+        if budget is not None and any(len(str(m.get("content") or "")) > budget for m in messages):
+            cut = [{**m, "content": str(m.get("content") or "")[:budget]} for m in messages]
+            row = self._encode(cut, trained)
+            if cut_is_enough(row["length"], self.max_length):
+                return truncate(row, self.max_length)
+        return truncate(self._encode(messages, trained), self.max_length)
+
+    def _encode(self, messages: list[dict], trained: list[bool]) -> dict:
         text = self.render(messages)
         try:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -131,7 +141,7 @@ class ChatTemplateEncoder:
             if train:
                 for i in self._trained_tokens(ids, starts, ends, text, start, content_end, turn_end):
                     labels[i] = ids[i]
-        return truncate({"input_ids": ids, "labels": labels, "length": len(ids)}, self.max_length)
+        return {"input_ids": ids, "labels": labels, "length": len(ids)}
 
     def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int, int | None]]:
         """Per assistant message: (start, end of its content, end of its turn or None) in ``text``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.dataset.chat_template import CHAT_TEMPLATE_KEY, ChatTemplateEncoder
-from lmtune.dataset.truncation import truncate
+from lmtune.dataset.truncation import cut_is_enough, text_budget, truncate
 
 
 def tokenizer_prefix(tokenizer) -> list[int]:
@@ -47,10 +47,15 @@ class ConversationEncoder:
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self._cache: dict[str, tuple[int, ...]] = {}
         self._chat_encoder: ChatTemplateEncoder | None = None
+        self.budget = text_budget(tokenizer, max_length)  # characters of one text that can reach the sample
 
     def _encode(self, text: str) -> tuple[int, ...]:
         if not text:
             return ()
+        if self.budget is not None and len(text) > self.budget:  # far longer than max_length: cut first
+            ids = tuple(self.tokenizer.encode(text[:self.budget], add_special_tokens=False))
+            if cut_is_enough(len(ids), self.max_length):
+                return ids
         ids = self._cache.get(text)
         if ids is None:
             if len(self._cache) > 100_000:
@@ -63,7 +68,7 @@ class ConversationEncoder:
         the rows' encoding then only assembles ids. The result is the same as encoding text by text."""
         texts = {turn.get(key) or "" for row in rows for turn in row.get("conversation") or []
                  if not turn.get(CHAT_TEMPLATE_KEY) for key in ("input", "output", "sep")}
-        todo = [t for t in texts if t and t not in self._cache]
+        todo = [t for t in texts if t and t not in self._cache and (self.budget is None or len(t) <= self.budget)]
         if not todo:
             return
         if len(self._cache) + len(todo) > 100_000:
@@ -75,8 +80,8 @@ class ConversationEncoder:
         conversation = example["conversation"]
         if conversation and conversation[0].get(CHAT_TEMPLATE_KEY):
             if self._chat_encoder is None:
-                self._chat_encoder = ChatTemplateEncoder(self.tokenizer)
-            return truncate(self._chat_encoder(conversation), self.max_length)
+                self._chat_encoder = ChatTemplateEncoder(self.tokenizer, self.max_length)
+            return self._chat_encoder(conversation)
         input_ids: list[int] = []
         labels: list[int] = []
         for index, turn in enumerate(conversation):
