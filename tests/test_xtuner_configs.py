@@ -171,6 +171,36 @@ def test_read_base_and_base_list_inheritance(tmp_path):
         Config.fromfile(missing)
 
 
+def test_mmengine_inheritance_beyond_merging(tmp_path):
+    """What MMEngine gives a child config: attribute access on inherited dicts, ``_base_.name`` and
+    ``{{_base_.name}}`` references to the merged base config."""
+    base = tmp_path / "_base_"
+    base.mkdir()
+    (base / "schedule.py").write_text("lr = 1e-4\nmax_epochs = 3\ntokenizer = dict(padding_side='right')\n"
+                                      "model = dict(tokenizer=tokenizer, lora=dict(r=8))\n"
+                                      "optim_wrapper = dict(optimizer=dict(lr=lr, weight_decay=0.1))\n")
+    new_style = tmp_path / "new.py"
+    new_style.write_text("from mmengine.config import read_base\n\nwith read_base():\n"
+                         "    from ._base_.schedule import *\n\n"
+                         "optim_wrapper.optimizer.lr = 5e-4\ntokenizer.padding_side = 'left'\n")
+    cfg = Config.fromfile(new_style)
+    assert cfg.optim_wrapper.optimizer == {"lr": 5e-4, "weight_decay": 0.1}
+    assert cfg.model.tokenizer.padding_side == "left"  # one dict, shared as in the base file
+    old_style = tmp_path / "old.py"
+    old_style.write_text("_base_ = ['./_base_/schedule.py']\n"
+                         "optim_wrapper = dict(optimizer=dict(lr=_base_.lr * 2))\n"
+                         "lora = {{_base_.model.lora}}\nepochs = '{{ _base_.max_epochs }}'\n"
+                         "_base_.model.lora.r = 16\n")
+    cfg = Config.fromfile(old_style)
+    assert cfg.optim_wrapper.optimizer == {"lr": 2e-4, "weight_decay": 0.1}
+    assert cfg.lora == {"r": 16} and cfg.epochs == 3 and cfg.model.lora.r == 16  # the value, not a string
+    alone = tmp_path / "alone.py"
+    alone.write_text("x = 1\ny = {{_base_.x}}\n")
+    with pytest.raises(ConfigError, match=r"alone.py:2: \{\{_base_.x\}\} refers to a base config, but the file "
+                                          r"sets no _base_"):
+        Config.fromfile(alone)
+
+
 def test_sequence_parallel_above_one_stops_before_any_work(tmp_path, tiny_model_dir, oasst1_dir):
     cfg = Config.fromfile(xtuner_shaped(tmp_path), {"pretrained_model_name_or_path": tiny_model_dir,
                                                     "data_path": oasst1_dir, "sequence_parallel_size": 4})

@@ -125,15 +125,11 @@ def check_kwargs(fn: Callable, kwargs: dict, key: str | None) -> None:
 
 def _check_local_path(fn: Callable, kwargs: dict, key: str | None) -> None:
     """``from_pretrained`` of a path that looks local but is missing: say so, not 'bad repo id'."""
-    import os
+    from lmtune.core.paths import check_model_path
 
-    path = kwargs.get("pretrained_model_name_or_path")
-    if getattr(fn, "__name__", "") != "from_pretrained" or not isinstance(path, str):
-        return
-    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep + os.sep in path
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f"{key or 'from_pretrained'}: the model path {path!r} does not exist "
-                          "(set pretrained_model_name_or_path to a local model dir or a hub id)")
+    if getattr(fn, "__name__", "") == "from_pretrained":
+        check_model_path(kwargs.get("pretrained_model_name_or_path"), key or "from_pretrained",
+                         "set pretrained_model_name_or_path to a local model dir or a hub id")
 
 
 # Arguments a library has since removed, as older configs (XTuner's) still pass them: (module, function) ->

@@ -19,6 +19,7 @@ import inspect
 import keyword
 import math
 import os
+import re
 import sys
 import traceback
 import types
@@ -70,12 +71,28 @@ def _check_value_names(value: Any, where: str) -> None:
             _check_value_names(item, where)
 
 
+def read_config_text(path: Path) -> str:
+    """A config file's text; one that is not UTF-8 is named with the offending byte's line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: the file is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                          "save it as UTF-8 (Python source files are UTF-8 by default)") from None
+
+
 def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal, a dotted name from a known package, or a string."""
+    """A command-line value: a Python literal, a dotted name from a known package, or a string.
+
+    A value that opens a list, tuple, dict or string literal must be one: ``[0.9,`` (a lost closing
+    bracket) is an error, not the string ``'[0.9,'``."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
+    except (ValueError, SyntaxError) as exc:
+        if text[:1] in "[({'\"":
+            raise ConfigError(f"{text!r} is not a Python value ({type(exc).__name__}: {exc}); close its "
+                              "brackets and quotes, or quote the whole value to pass a string") from None
     parts = text.split(".")
     if len(parts) > 1 and all(p.isidentifier() for p in parts) and parts[0] in VALUE_PACKAGES:
         obj = import_dotted(text)
@@ -91,7 +108,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--cfg-options expects KEY=VALUE, got {item!r}")
-        parsed = parse_value(value.strip())
+        try:
+            parsed = parse_value(value.strip())
+        except ConfigError as exc:
+            raise ConfigError(f"--cfg-options {key.strip()}: {exc}") from None
         _check_value_names(parsed, key.strip())
         out[key.strip()] = parsed
     return out
@@ -149,7 +169,7 @@ class Config(ConfigDict):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        return cls.fromtext(path.read_text(encoding="utf-8"), path, overrides)
+        return cls.fromtext(read_config_text(path), path, overrides)
 
     @classmethod
     def fromtext(cls, source: str, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
@@ -256,11 +276,41 @@ def _accepts(node: dict, key: str) -> bool:
     return True
 
 
+_BASE_REFERENCE = re.compile(r"""(['"]?)\{\{\s*_base_\.([\w.]+)\s*\}\}\1""")
+
+
+def _base_list(path: Path, tree: ast.Module) -> tuple[Any, ast.Module]:
+    """MMEngine's ``_base_ = '...'`` / ``[...]`` assignment of a config (None when it has none), and the
+    tree without it: the name ``_base_`` then means the merged base config while the file runs."""
+    bases, body = None, []
+    for stmt in tree.body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "_base_" for t in targets):
+            try:
+                bases = ast.literal_eval(stmt.value)
+            except ValueError:
+                raise ConfigError(f"{path}:{stmt.lineno}: _base_ must be a file name or a list of file names "
+                                  "(literal strings)") from None
+            continue
+        body.append(stmt)
+    tree.body = body
+    return bases, tree
+
+
 def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    reference = _BASE_REFERENCE.search(source)
+    if reference:  # MMEngine's {{_base_.name}}: the base config's value, inserted as is
+        source = _BASE_REFERENCE.sub(lambda m: f"_base_.{m.group(2)}", source)
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: syntax error in config: {exc.msg}") from None
+    bases, tree = _base_list(path, tree)
+    if reference and not bases:
+        line = source[: reference.start()].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: {reference.group(0)} refers to a base config, but the file sets no "
+                          "_base_ = [...]")
+    base = _load_bases(path, bases) if bases else None
     injector = _InjectOverrides(set(overrides))
     tree = injector.visit(tree)
     unknown = set(overrides) - injector.seen
@@ -270,6 +320,8 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
         raise ConfigError(f"--cfg-options: {path} has no top-level setting {name!r}{nearest(name, known)}")
     namespace: dict[str, Any] = {"__file__": str(path.resolve()), "__name__": "__lmtune_config__",
                                  _OVERRIDE_VAR: overrides}
+    if base is not None:
+        namespace["_base_"] = base  # _base_.model, _base_.optim_wrapper.optimizer.lr ... as in MMEngine
     # imports of xtuner.* / mmengine.* resolve to lmtune while this file runs; relative imports load base configs
     namespace["__builtins__"] = config_builtins(make_import(path.resolve(), _run_file))
     code = compile(tree, str(path), "exec")
@@ -288,26 +340,31 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     skip = _imported_names(tree)
     result = {k: v for k, v in namespace.items()
               if not k.startswith("_") and k not in skip and not isinstance(v, types.ModuleType)}
-    if namespace.get("_base_"):
-        result = _inherit(path, namespace["_base_"], result)
+    if base is not None:  # MMEngine's _base_: this file's settings merged over the bases' (as _base_ left them)
+        result = _merge(dict(base), result)
     return result
 
 
 def _run_file(path: Path) -> dict[str, Any]:
-    """The settings of another config file (a base config), run without overrides."""
-    return _run_config(path, path.read_text(encoding="utf-8"), {})
+    """The settings of another config file (a base config), run without overrides; its dicts are
+    ``ConfigDict``s (attribute access, as MMEngine gives a child config), shared objects kept shared."""
+    memo: dict[int, Any] = {}
+    return {k: _convert_shared(v, memo) for k, v in _run_config(path, read_config_text(path), {}).items()}
 
 
-def _inherit(path: Path, bases: Any, own: dict[str, Any]) -> dict[str, Any]:
-    """MMEngine's ``_base_ = [...]``: the base files' settings, with this file's merged over them
-    (dicts merge key by key unless the child's has ``_delete_=True``)."""
+def _load_bases(path: Path, bases: Any) -> ConfigDict:
+    """The merged settings of MMEngine's ``_base_`` files (later files merge over earlier ones; dicts merge
+    key by key unless the later one has ``_delete_=True``)."""
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else list(bases):
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file {base} not found (looked at {base_path})")
         merged = _merge(merged, _run_file(base_path))
-    return _merge(merged, own)
+    out = ConfigDict()
+    for key, value in merged.items():
+        dict.__setitem__(out, key, value)
+    return out
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:

@@ -59,8 +59,12 @@ def load_for_chat(model: str, adapter: str | None = None, bits: int | None = Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lmtune.core.paths import check_model_path
     from lmtune.model import ports
 
+    check_model_path(model, "lmtune chat", "name a model dir, a merged model, or a hub id 'namespace/name'")
+    if adapter:
+        check_model_path(adapter, "lmtune chat --adapter", "name the directory `lmtune convert pth_to_hf` wrote")
     dtype = DTYPES.get(torch_dtype, torch_dtype)
     if dtype != "auto":
         dtype = getattr(torch, dtype)

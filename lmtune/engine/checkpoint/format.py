@@ -22,6 +22,7 @@ or safetensors: no pickled code runs on load.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -86,9 +87,34 @@ def staged_shard_path(work_dir: Path, name: str, rank: int) -> Path:
     return Path(work_dir) / f".{name}.rank{rank}.shard.tmp"
 
 
+def write_file(path: Path, write: Callable[[], Any]) -> None:
+    """Run ``write`` (which writes ``path``); a failure names the path, and a full disk says so.
+
+    torch's zip writer reports a full disk as "enforce fail at inline_container.cc" (a RuntimeError),
+    safetensors as "os error 28", and an ``OSError`` raised deep inside a writer often carries no file
+    name."""
+    try:
+        write()
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    except Exception as exc:  # torch's RuntimeError, safetensors' SafetensorError ("os error 28")
+        text = str(exc)
+        if not any(mark in text for mark in ("inline_container", "write failed", "os error 28", "No space left")):
+            raise
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = 0
+        if free < 256 << 20:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free)", str(path)) from exc
+        raise OSError(errno.EIO, f"writing failed: {str(exc).splitlines()[0][:200]}", str(path)) from exc
+
+
 def write_staged_shard(work_dir: Path, name: str, rank: int, state: Any) -> Path:
     path = staged_shard_path(work_dir, name, rank)
-    torch.save(state, path)
+    write_file(path, lambda: torch.save(state, path))
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     return path
@@ -133,12 +159,13 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
             (tmp / file_name).write_text(text, encoding="utf-8")
         for file_name, source in move_in.items():
             os.replace(source, tmp / file_name)
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        write_file(tmp / WEIGHTS, lambda: save_file(tensors, str(tmp / WEIGHTS)))
         _test_slow_save()
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER)
+            write_file(tmp / OPTIMIZER, lambda: torch.save(optimizer_state, tmp / OPTIMIZER))
             _test_slow_save()
-        torch.save(trainer_state, tmp / TRAINER)
+        write_file(tmp / TRAINER, lambda: torch.save(trainer_state, tmp / TRAINER))
         _test_slow_save()
         meta = {**meta, "files": {child.name: child.stat().st_size for child in sorted(tmp.iterdir())}}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
