@@ -400,6 +400,32 @@ def test_a_row_far_longer_than_max_length_is_cut_before_tokenizing_to_the_same_s
 
         whole._chat_encoder = ChatTemplateEncoder(tokenizer, 128)
         whole._chat_encoder.budget = None
+    # the training pipeline's row stages cut it the same way, and count the row as truncated
+    from lmtune.dataset.stages import row_processor
+
+    seen.clear()
+    staged = row_processor(tokenizer, 128).stage({"conversation": [turn]})
+    assert staged.truncated and staged.encoded["input_ids"] == got["input_ids"] and max(seen) <= cut.budget + 2000
     monkeypatch.undo()
     expected = whole({"conversation": [turn]})
     assert got == expected and got["truncated"] and got["length"] == 128
+
+
+def test_a_template_unlike_the_tokenizers_chat_template_is_named_once_with_the_ones_that_match(qwen, caplog):
+    from lmtune.compat.xtuner.utils import PROMPT_TEMPLATE as XTUNER_PROMPT_TEMPLATE
+    from lmtune.dataset.template_check import check_against_chat_template
+    from lmtune.dataset.templates import PROMPT_TEMPLATE
+
+    assert check_against_chat_template(qwen, PROMPT_TEMPLATE.qwen2_5_chat) is None
+    assert check_against_chat_template(qwen, XTUNER_PROMPT_TEMPLATE.qwen_chat) is None  # XTuner's ChatML agrees
+    message = check_against_chat_template(qwen, XTUNER_PROMPT_TEMPLATE.llama2_chat)
+    assert message and "renders other training text than the tokenizer's chat template" in message
+    assert "prompt_template=None" in message and "PROMPT_TEMPLATE.qwen" in message, message
+    rows = Dataset.from_list([{"conversation": [{"input": "Hi", "output": "Hello."}]}] * 3)
+    caplog.set_level("WARNING", logger="lmtune")
+    for _ in range(2):
+        process_hf_dataset(dataset=rows, tokenizer=qwen, max_length=64, dataset_map_fn=None,
+                           template_map_fn=dict(type=template_map_fn_factory, template=XTUNER_PROMPT_TEMPLATE.mistral),
+                           pack_to_max_length=False, use_cache=False)
+    said = [r.getMessage() for r in caplog.records if "renders other training text" in r.getMessage()]
+    assert len(said) == 1, said

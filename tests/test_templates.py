@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import string
+from pathlib import Path
 
 import pytest
 
+import lmtune
 from lmtune.config.configdict import ConfigDict
 from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
 
@@ -212,3 +216,49 @@ def test_get_template_unknown_name_suggests_close_match():
 def test_get_template_rejects_other_types():
     with pytest.raises(TypeError):
         get_template(3)
+
+
+# ------------------------------------------------------------------ XTuner's templates on the xtuner.* path
+
+XTUNER_RENDERINGS = Path(__file__).parent / "fixtures" / "xtuner_template_renderings.json"
+
+
+def _xtuner_fixture() -> dict:
+    return json.loads(XTUNER_RENDERINGS.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(_xtuner_fixture()["renderings"]))
+def test_xtuner_import_path_renders_what_xtuner_0_2_0_rendered(name):
+    """Every template name, through ``from xtuner.utils import PROMPT_TEMPLATE`` and lmtune's map function,
+    renders XTuner 0.2.0's own ``template_map_fn`` output (tests/fixtures, benchmarks/xtuner_templates.py)."""
+    from lmtune.compat.xtuner.utils import PROMPT_TEMPLATE as XTUNER_PROMPT_TEMPLATE
+    from lmtune.dataset.map_fns import template_map_fn_factory
+
+    fixture = _xtuner_fixture()
+    assert fixture["xtuner_version"] == "0.2.0"
+    map_fn = template_map_fn_factory(XTUNER_PROMPT_TEMPLATE[name])
+    for probe, expected in fixture["renderings"][name].items():
+        if "error" in expected:  # XTuner fails on a system message for a template without SYSTEM
+            assert "SYSTEM" not in XTUNER_PROMPT_TEMPLATE[name]
+            continue
+        got = map_fn({"conversation": copy.deepcopy(fixture["probes"][probe])})["conversation"]
+        assert got == expected, (name, probe)
+
+
+def test_an_xtuner_config_gets_xtuners_templates_and_lmtunes_path_keeps_its_own(tmp_path):
+    from lmtune.config import Config
+
+    config = tmp_path / "cfg.py"
+    config.write_text("from xtuner.utils import PROMPT_TEMPLATE\nfrom xtuner.utils.templates import "
+                      "PROMPT_TEMPLATE as DIRECT\nfrom lmtune.dataset import PROMPT_TEMPLATE as OWN\n"
+                      "xtuner_llama2 = PROMPT_TEMPLATE.llama2_chat\ndirect = DIRECT.mistral\n"
+                      "own_llama2 = OWN.llama2_chat\nonly_lmtune = PROMPT_TEMPLATE.qwen3_chat\n")
+    cfg = Config.fromfile(config)
+    xtuner = json.loads((Path(lmtune.__file__).parent / "compat" / "xtuner" /
+                         "xtuner_prompt_templates.json").read_text(encoding="utf-8"))["templates"]
+    assert cfg.xtuner_llama2 == xtuner["llama2_chat"] and cfg.direct == xtuner["mistral"]
+    assert cfg.own_llama2 == PROMPT_TEMPLATE.llama2_chat != cfg.xtuner_llama2
+    assert cfg.only_lmtune == PROMPT_TEMPLATE.qwen3_chat  # names XTuner lacks come from lmtune's table
+    differing = sorted(n for n in xtuner if n in PROMPT_TEMPLATE and xtuner[n] != dict(PROMPT_TEMPLATE[n]))
+    assert {"llama2_chat", "chatglm2", "chatglm3", "baichuan_chat", "baichuan2_chat", "moss_sft", "minicpm",
+            "gemma", "deepseek_moe", "mixtral", "deepseek_coder", "mistral", "zephyr"} <= set(differing)

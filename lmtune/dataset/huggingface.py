@@ -80,6 +80,10 @@ def process_hf_dataset(
             raise ConfigError("train_dataset needs max_length")
         tok = build(tokenizer, key="tokenizer")
         processor = row_processor(tok, max_length, dataset_map_fn, template_map_fn, source, skip_bad_rows)
+        if get_rank() == 0:  # a template that is not the tokenizer's chat template: said once
+            from lmtune.dataset.template_check import warn_if_unlike_chat_template
+
+            warn_if_unlike_chat_template(tok, getattr(processor.template_fn, "keywords", {}).get("template"))
     map_fn = processor.map_fn if processor is not None else None
     template_fn = processor.template_fn if processor is not None else None
 

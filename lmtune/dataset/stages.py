@@ -135,9 +135,10 @@ class RowProcessor:
         except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
             self._fail(staged, "tokenization", exc)
             return staged
+        cut = bool(encoded.get("truncated"))  # the encoder cut it already (a row far longer than max_length)
         encoded = truncate({"input_ids": list(encoded["input_ids"]), "labels": list(encoded["labels"]),
                             "length": len(encoded["input_ids"])}, self.max_length)
-        staged.encoded, staged.truncated = encoded, bool(encoded.get("truncated"))
+        staged.encoded, staged.truncated = encoded, cut or bool(encoded.get("truncated"))
         labels = encoded["labels"]
         if len(labels) - 1 - labels[1:].count(IGNORE_INDEX) <= 0:  # nothing to train
             staged.status = NO_TARGET
@@ -175,7 +176,8 @@ def row_processor(tokenizer: Any, max_length: int | None, dataset_map_fn: Any = 
     """The ``RowProcessor`` of a ``train_dataset``'s settings (``tokenizer`` built or a config dict)."""
     return RowProcessor(as_function(dataset_map_fn, "train_dataset.dataset_map_fn"),
                         as_function(template_map_fn, "train_dataset.template_map_fn"),
-                        ConversationEncoder(build(tokenizer, key="tokenizer"), None),  # truncated by the processor
+                        # max_length lets the encoder cut a text far longer than it before tokenizing
+                        ConversationEncoder(build(tokenizer, key="tokenizer"), max_length),
                         max_length, source, skip_bad_rows)
 
 
