@@ -463,17 +463,9 @@ def _long_run_cmd(model_dir, data_dir, work: Path, iters: int, *flags: str) -> l
             "--cfg-options", *opts, f"train_cfg.max_iters={iters}", "save_steps=1000"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_to_the_uninterrupted_run(
-        tmp_path, tiny_model_dir, oasst1_dir, signum):
-    from safetensors.torch import load_file
-
-    iters = 150
-    reference = tmp_path / "reference"
-    subprocess.run(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters), env=_env(), check=True,
-                   capture_output=True, timeout=1800)
-    work = tmp_path / "stopped"
-    proc = subprocess.Popen(_long_run_cmd(tiny_model_dir, oasst1_dir, work, iters), env=_env(),
+def _stop_with(signum, work: Path, model_dir, data_dir, iters: int) -> tuple[Path, str]:
+    """Start a run, send ``signum`` once it trains; the checkpoint it saved and what it printed."""
+    proc = subprocess.Popen(_long_run_cmd(model_dir, data_dir, work, iters), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_logged_iterations(work, proc, 3)
     proc.send_signal(signum)
@@ -483,15 +475,37 @@ def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_to_the_unin
     step = int(stopped.name.split("_")[1])
     assert 3 <= step < iters and ckpt.verify_checkpoint(stopped) is None
     assert f"stopped by {signum.name} after iteration {step}; checkpoint {stopped} saved" in err, err[-2000:]
+    return stopped, err
+
+
+def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_to_the_uninterrupted_run(tmp_path,
+                                                                                              tiny_model_dir,
+                                                                                              oasst1_dir):
+    import shlex
+
+    from safetensors.torch import load_file
+
+    iters = 150
+    reference = tmp_path / "reference"
+    subprocess.run(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters), env=_env(), check=True,
+                   capture_output=True, timeout=1800)
+    work = tmp_path / "stopped"
+    _, err = _stop_with(signal.SIGTERM, work, tiny_model_dir, oasst1_dir, iters)
     command = err.split("Continue with:\n", 1)[1].strip().splitlines()[0]
     assert command.startswith("lmtune train ") and command.endswith(" --resume"), command
-    resume = [sys.executable, "-m", "lmtune.cli", *__import__("shlex").split(command)[1:]]
+    resume = [sys.executable, "-m", "lmtune.cli", *shlex.split(command)[1:]]
     done = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     expected = load_file(str(reference / f"iter_{iters}" / ckpt.WEIGHTS))
     got = load_file(str(work / f"iter_{iters}" / ckpt.WEIGHTS))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_a_first_ctrl_c_and_slurms_usr1_warning_stop_the_same_way(tmp_path, tiny_model_dir, oasst1_dir, signum):
+    _, err = _stop_with(signum, tmp_path / "w", tiny_model_dir, oasst1_dir, 10000)
+    assert "--resume" in err
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, oasst1_dir):

@@ -1,5 +1,5 @@
-"""Stopping a run on request: SIGTERM (preemption, ``docker stop``, a scheduler's time limit, Slurm's
-``--signal`` warning) or a first Ctrl-C.
+"""Stopping a run on request: SIGTERM (preemption, ``docker stop``, a scheduler's time limit), SIGUSR1
+(Slurm's ``--signal=USR1@secs`` warning) or a first Ctrl-C.
 
 The handler only records the request. The training loop asks at the start of every optimizer step, all
 ranks together (the flag travels in the step's token count reduction, so it costs no extra collective),
@@ -35,7 +35,8 @@ class RunStopped(Exception):
 class StopRequests:
     """Installs the handlers for the length of a run (main thread only; elsewhere it does nothing)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # SIGUSR1: what Slurm's `--signal=USR1@120` sends ahead of a time limit (as PyTorch Lightning expects)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested: str | None = None  # the first signal's name

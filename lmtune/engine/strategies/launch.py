@@ -91,6 +91,8 @@ def relaunch(argv: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _env_int(env, "NPROC_PER_NODE", 1))))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    # the agent passes these on to the workers (SIGUSR1: Slurm's --signal warning)
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     results = tempfile.mkdtemp(prefix="lmtune-ranks-")
     env[RESULTS_ENV] = results
     try:

@@ -7,7 +7,7 @@ workers. Three rules hold the tree together:
   goes (``die_with_parent``), so killing the launcher, or the agent with ``kill -9``, never leaves workers
   training unsupervised. SIGTERM makes a worker save and stop like any other stop request.
 - Signals reach each process once: the agent runs in its own session (the terminal's Ctrl-C reaches only
-  ``lmtune``), and ``lmtune`` passes SIGTERM and SIGINT on. A second Ctrl-C kills the whole tree at once.
+  ``lmtune``), and ``lmtune`` passes SIGTERM, SIGINT and SIGUSR1 on. A second Ctrl-C kills the whole tree.
 - One answer: each worker that ends with an error or a stop writes ``rank<R>.json`` (exit code and message)
   into ``RESULTS_ENV``'s directory instead of printing it; the agent prints the one that ended the run and
   exits with its code, the code a single process would have given.
@@ -78,7 +78,7 @@ def run_supervised(command: list[str], env: dict[str, str]) -> int:
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
         while True:
             try:
