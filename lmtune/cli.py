@@ -43,9 +43,19 @@ def _train(args: argparse.Namespace) -> int:
 
 def resume_command(argv: list[str]) -> str:
     """The ``lmtune`` command line of ``argv`` that continues its run: ``--resume`` instead of any
-    ``--resume [PATH]`` or ``--overwrite`` it had."""
+    ``--resume [PATH]`` or ``--overwrite`` it had. In a worker that ``NPROC_PER_NODE=N lmtune train`` started,
+    that is the user's command again (``NPROC_PER_NODE=N`` in front, without the ``--launcher pytorch`` the
+    relaunch added)."""
     import shlex
 
+    from lmtune.engine.strategies.supervise import RESULTS_ENV
+
+    prefix = []
+    if os.environ.get(RESULTS_ENV):
+        if argv[-2:] == ["--launcher", "pytorch"]:
+            argv = argv[:-2]
+        prefix = [f"{name}={os.environ[name]}" for name in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT")
+                  if os.environ.get(name)]
     kept, skip = [], False
     for i, token in enumerate(argv):
         if skip:
@@ -57,7 +67,7 @@ def resume_command(argv: list[str]) -> str:
         if token.startswith("--resume=") or token == "--overwrite":
             continue
         kept.append(token)
-    return shlex.join(["lmtune", *kept, "--resume"])
+    return " ".join(prefix + [shlex.join(["lmtune", *kept, "--resume"])])
 
 
 def _load(args: argparse.Namespace, fetch_model: bool = True):

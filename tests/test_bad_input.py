@@ -43,8 +43,13 @@ def test_a_data_file_that_cannot_be_read_is_named_with_its_line(tmp_path, tiny_m
 def test_a_full_datasets_cache_names_the_cache(tmp_path, tiny_model_dir, oasst1_dir, capsys, monkeypatch):
     from datasets.builder import DatasetBuilder
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(*args, **kwargs):  # as datasets reports it: the ENOSPC of writing the cache, wrapped
+        from datasets.exceptions import DatasetGenerationError
+
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from exc
 
     monkeypatch.setattr(DatasetBuilder, "download_and_prepare", full)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))

@@ -485,7 +485,7 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_to_the_unint
 
     from safetensors.torch import load_file
 
-    iters = 150
+    iters = 60
     reference = tmp_path / "reference"
     subprocess.run(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters), env=_env(), check=True,
                    capture_output=True, timeout=1800)

@@ -505,12 +505,16 @@ def test_workers_end_when_their_launcher_dies(tmp_path, tiny_model_dir, data_dir
 
 
 def test_a_user_error_in_the_workers_is_told_once_with_the_single_process_exit_code(tmp_path, tiny_model_dir,
-                                                                                    data_dir):
+                                                                                    data_dir, capsys, monkeypatch):
+    from lmtune.cli import main
+
     opts = _opts(tiny_model_dir, data_dir, max_length=1)  # refused by the runner, in every worker
-    one = train(tmp_path / "one", opts, nproc=1, check=False)
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    code = main(["train", str(SEED_CFG), "--work-dir", str(tmp_path / "one"), "--cfg-options", *opts])
+    one = capsys.readouterr().err
     two = train(tmp_path / "two", opts, nproc=2, check=False)
-    assert one.returncode == two.returncode == 2, _failure_report(two)
-    error = [line for line in one.stderr.splitlines() if line.startswith("lmtune: error:")]
-    assert len(error) == 1 and "max_length" in error[0], one.stderr[-3000:]
+    assert code == two.returncode == 2, _failure_report(two)
+    error = [line for line in one.splitlines() if line.startswith("lmtune: error:")]
+    assert len(error) == 1 and "max_length" in error[0], one[-3000:]
     assert [line for line in two.stderr.splitlines() if line.startswith("lmtune: error:")] == error, two.stderr
     assert "Traceback" not in two.stderr and "ChildFailedError" not in two.stderr, two.stderr[-3000:]

@@ -66,7 +66,7 @@ def test_cli_resume_without_a_fixed_seed_reproduces_the_run(tmp_path, tiny_model
     ("evaluation_inputs={'a':1}", r"the evaluation_inputs setting\) must be a list of strings"),
     ("evaluation_freq='abc'", "EvaluateChatHook|every_n_iters"),
     ("train_cfg.max_epochs=-1", "max_epochs must be a positive integer"),
-    ("pretrained_model_name_or_path=/no/such/model", "model path '/no/such/model' does not exist"),
+    ("pretrained_model_name_or_path=/no/such/model", "the path '/no/such/model' does not exist"),
 ])
 def test_bad_settings_fail_before_training_with_the_key(tmp_path, tiny_model_dir, oasst1_dir, capsys, option,
                                                         message):

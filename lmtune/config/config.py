@@ -90,7 +90,7 @@ def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError) as exc:
-        if text[:1] in "[({'\"":
+        if text and text[0] in "[({'\"":
             raise ConfigError(f"{text!r} is not a Python value ({type(exc).__name__}: {exc}); close its "
                               "brackets and quotes, or quote the whole value to pass a string") from None
     parts = text.split(".")

@@ -118,21 +118,26 @@ class ChatTemplateEncoder:
         messages, trained = conversation_to_messages(conversation)
         if not messages:
             return {"input_ids": [], "labels": [], "length": 0}
-        budget = self.budget
-        if budget is not None and any(len(str(m.get("content") or "")) > budget for m in messages):
-            cut = [{**m, "content": str(m.get("content") or "")[:budget]} for m in messages]
-            row = self._encode(cut, trained)
-            if cut_is_enough(row["length"], self.max_length):
-                return truncate(row, self.max_length)
         return truncate(self._encode(messages, trained), self.max_length)
 
-    def _encode(self, messages: list[dict], trained: list[bool]) -> dict:
-        text = self.render(messages)
+    def _tokenize(self, text: str):
         try:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         except NotImplementedError:
             raise ConfigError("prompt_template=None (or 'auto') needs a fast tokenizer, one that reports token "
                               "offsets: load it with use_fast=True, or set a PROMPT_TEMPLATE entry") from None
+
+    def _encode(self, messages: list[dict], trained: list[bool]) -> dict:
+        # The whole conversation is rendered (string work, whatever the template does to the content), but a
+        # text far longer than max_length is tokenized only as far as the sample can reach (``truncation``).
+        text = self.render(messages)
+        enc = None
+        if self.budget is not None and len(text) > self.budget:
+            enc = self._tokenize(text[: self.budget])
+            if not cut_is_enough(len(enc["input_ids"]), self.max_length):
+                enc = None
+        if enc is None:
+            enc = self._tokenize(text)
         ids = list(enc["input_ids"])
         starts = [a for a, _ in enc["offset_mapping"]]
         ends = [b for _, b in enc["offset_mapping"]]

@@ -33,40 +33,57 @@ def load_dataset(*args: Any, **kwargs: Any) -> Any:
 
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except (StopIteration, DatasetGenerationError) as exc:
-        raise UserError(_explain(args, kwargs, exc)) from exc
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except (StopIteration, DatasetGenerationError, OSError) as exc:
+        if _disk_full(exc):  # datasets wraps an ENOSPC of the generation in DatasetGenerationError
+            cache = (kwargs.get("cache_dir") or os.environ.get("HF_DATASETS_CACHE")
+                     or datasets.config.HF_DATASETS_CACHE)
+            raise UserError(f"load_dataset: no space left on the device of the datasets cache ({cache}): free "
+                            "space there, or point HF_DATASETS_CACHE (or the dataset's cache_dir) at a disk with "
+                            "room") from exc
+        if isinstance(exc, OSError):
             raise
-        cache = kwargs.get("cache_dir") or os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
-        raise UserError(f"load_dataset: no space left on the device of the datasets cache ({cache}): free space "
-                        "there, or point HF_DATASETS_CACHE (or the dataset's cache_dir) at a disk with room") from exc
+        raise UserError(_explain(args, kwargs, exc)) from exc
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _local_files(args: tuple, kwargs: dict) -> list[Path]:
+    """The local files a ``load_dataset`` call reads: its ``data_files`` (relative ones inside a local
+    dataset directory), else the files of its local ``path`` (or ``path/data_dir``)."""
     found: list[Path] = []
+    path = kwargs.get("path", args[0] if args else None)
+    local = isinstance(path, str) and os.path.exists(os.path.expanduser(path))
+    base = Path(os.path.expanduser(path)) if local and os.path.isdir(os.path.expanduser(path)) else None
 
-    def add(value: Any) -> None:
+    def add(value: Any, relative_to: Path | None) -> None:
         if isinstance(value, (list, tuple)):
             for item in value:
-                add(item)
+                add(item, relative_to)
         elif isinstance(value, dict):
             for item in value.values():
-                add(item)
+                add(item, relative_to)
         elif isinstance(value, (str, os.PathLike)):
-            path = Path(os.path.expanduser(str(value)))
-            if path.is_dir():
-                found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
-                                    and not any(part.startswith(".") for part in p.relative_to(path).parts)))
-            elif path.is_file():
-                found.append(path)
+            target = Path(os.path.expanduser(str(value)))
+            if relative_to is not None and not target.is_absolute():
+                target = relative_to / target
+            if target.is_dir():
+                found.extend(sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
+                                    and not any(part.startswith(".") for part in p.relative_to(target).parts)))
+            elif target.is_file():
+                found.append(target)
             else:
-                found.extend(Path(p) for p in sorted(glob.glob(str(path))) if Path(p).is_file())
+                found.extend(Path(p) for p in sorted(glob.glob(str(target))) if Path(p).is_file())
 
-    add(kwargs.get("data_files"))
-    path = kwargs.get("path", args[0] if args else None)
-    if not found and isinstance(path, str) and os.path.exists(os.path.expanduser(path)):
-        add(os.path.join(path, kwargs["data_dir"]) if kwargs.get("data_dir") else path)
+    add(kwargs.get("data_files"), base)
+    if not found and local:
+        add(os.path.join(path, kwargs["data_dir"]) if kwargs.get("data_dir") else path, None)
     return found
 
 

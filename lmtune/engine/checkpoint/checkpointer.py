@@ -69,9 +69,22 @@ class Checkpointer:
     # -- choosing and reading ---------------------------------------------
     def resume_path(self, resume: bool | str, load_from: str | None) -> Path | None:
         """The checkpoint to resume from: a given path, ``load_from``, or the run ``last_checkpoint`` names
-        in the checkpoint directory (its newest sound checkpoint)."""
+        in the checkpoint directory (its newest sound checkpoint). Rank 0 decides; every rank gets its
+        answer (or its error), so no two ranks resume different checkpoints."""
         if not resume:
             return None
+        found, message = None, None
+        if is_main_process():
+            try:
+                found = self._choose(resume, load_from)
+            except ConfigError as exc:
+                message = str(exc)
+        found, message = broadcast_object((None if found is None else str(found), message))
+        if message:
+            raise ConfigError(message)
+        return None if found is None else Path(found)
+
+    def _choose(self, resume: bool | str, load_from: str | None) -> Path | None:
         path = resume if isinstance(resume, (str, Path)) else load_from
         if path:
             path = Path(path)

@@ -167,7 +167,10 @@ def save_checkpoint(work_dir: str | os.PathLike, name: str, weights: dict[str, t
             _test_slow_save()
         write_file(tmp / TRAINER, lambda: torch.save(trainer_state, tmp / TRAINER))
         _test_slow_save()
-        meta = {**meta, "files": {child.name: child.stat().st_size for child in sorted(tmp.iterdir())}}
+        # the sizes of the state files (not of the config copy, which a user may edit) tell a foreign file
+        state = {child.name: child.stat().st_size for child in sorted(tmp.iterdir())
+                 if child.name not in (extra_files or {})}
+        meta = {**meta, "files": state}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         for child in tmp.iterdir():
             with open(child, "rb") as fh:
@@ -330,7 +333,7 @@ def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None =
     run_id = run_id or pointer_run
     candidates = [p for p in work_dir.iterdir()
                   if p.is_dir() and p.name.startswith(("iter_", "epoch_")) and _step_of(p) >= 0
-                  and (run_id is None or run_of(p) in (run_id, None))]  # None: unreadable meta, reported below
+                  and (run_id is None or _may_be_of(p, run_id))]
     ordered = sorted(candidates, key=lambda p: (p.name != pointed, -_step_of(p), p.name))
     damaged = []
     for path in ordered:
@@ -338,11 +341,18 @@ def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None =
         if reason is None:
             return path
         damaged.append(f"{path.name} ({reason})")
-        warn(f"checkpoint {path} is incomplete or corrupt: {reason}; using the previous one")
+        warn(f"checkpoint {path} is incomplete or corrupt: {reason}; trying the run's previous one")
     if damaged:
         raise ConfigError(f"no checkpoint in {work_dir} can be resumed: {'; '.join(damaged)}. Resume from a "
                           "copy of a sound one with --resume PATH, or start a new run with another --work-dir")
     return None
+
+
+def _may_be_of(path: Path, run_id: str) -> bool:
+    """Whether checkpoint ``path`` may belong to run ``run_id``: it says so, or its meta is unreadable (a
+    damaged checkpoint, reported as such). One that names no run (lmtune before run ids) is another's."""
+    meta = read_meta(path)
+    return not meta or meta.get("run_id") == run_id
 
 
 def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = None,

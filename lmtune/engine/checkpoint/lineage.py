@@ -13,8 +13,12 @@ config claims the new one. Everything else (run length, logging, hooks, saving) 
 
 from __future__ import annotations
 
+import functools
+import re
 import uuid
 from typing import Any
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # top-level keys (and dotted sub-keys) whose values a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "train_dataloader.dataset", "optim_wrapper", "param_scheduler")
@@ -25,12 +29,14 @@ def new_run_id() -> str:
 
 
 def _text(value: Any) -> str:
-    """A stable text of a leaf value: callables by their dotted name, not by their address."""
+    """A stable text of a leaf value: callables by their dotted name, never with a memory address."""
+    if isinstance(value, functools.partial):
+        return f"partial({_text(value.func)}, {value.args!r}, {sorted(value.keywords.items())!r})"
     if isinstance(value, type) or callable(value):
         module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
         if module and name:
             return f"{module}.{name}"
-    return repr(value)
+    return _ADDRESS.sub("", repr(value))
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:

@@ -192,6 +192,7 @@ class LoggerHook(Hook):
         self._step_tokens: int | None = None
         self._measured: dict[str, float] = {}  # ThroughputHook's tflops/mfu, weighted by iteration time
         self._measured_time = 0.0
+        self._measured_rate: float | None = None
         self._times: list[float] = []
         self._grad_norms: list[float] = []
 
@@ -244,6 +245,10 @@ class LoggerHook(Hook):
         if outputs.get("step_tokens") is not None:
             self._step_tokens = int(outputs["step_tokens"])
         hub = getattr(runner, "message_hub", None)
+        rate = hub.get("tokens_per_sec") if hub is not None else None
+        rate = _as_float(outputs.get("tokens_per_sec") if rate is None else rate)
+        if rate is not None:  # a ThroughputHook's (or another loop's) own figure, for loops that count no tokens
+            self._measured_rate = rate
         measured = False
         for key in ("tflops", "mfu"):
             value = hub.get(key) if hub is not None else None
@@ -257,7 +262,10 @@ class LoggerHook(Hook):
     def _throughput(self) -> dict[str, float]:
         """The window's throughput: tokens/s over its time, tflops/mfu averaged over it."""
         seconds = sum(self._times)
-        found = {"tokens_per_sec": self._input_tokens / seconds} if seconds > 0 and self._input_tokens else {}
+        if seconds > 0 and self._input_tokens:
+            found = {"tokens_per_sec": self._input_tokens / seconds}
+        else:
+            found = {"tokens_per_sec": self._measured_rate} if self._measured_rate is not None else {}
         if self._measured_time > 0:
             found.update({key: total / self._measured_time for key, total in self._measured.items()})
         return found

@@ -96,9 +96,9 @@ class Runner:
         load_from = load_from or cfg.get("load_from")
         self.resume_from = self.checkpointer.resume_path(resume, load_from)
         self._resume_state = self.checkpointer.read(self.resume_from) if self.resume_from else None
-        if self._resume_state is None:
-            self.checkpointer.check_fresh(overwrite)
-        else:
+        if self._resume_state is None or self.resume_from.resolve().parent != self.checkpointer.directory:
+            self.checkpointer.check_fresh(overwrite)  # a run from elsewhere must not write over this dir's run
+        if self._resume_state is not None:
             self.checkpointer.continue_run(self.resume_from, self._resume_state)
         randomness = dict(cfg.get("randomness") or {})
         if self._resume_state is not None:  # the resumed run is the same run: same seed, same data order
@@ -349,7 +349,9 @@ class Runner:
             hook.save_now(self)
         elif self.last_saved_iter != self.completed_iters:
             self.save_checkpoint()
-        saved = self.last_saved_path if self.last_saved_iter == self.completed_iters else None
+        saved = None
+        if self.last_saved_iter == self.completed_iters:  # just saved, or stopped right where it resumed
+            saved = self.last_saved_path or self.resume_from
         stopped = RunStopped(self.stop_requests.requested or "a signal", self.completed_iters, saved, self.work_dir)
         self.logger.warning(str(stopped))
         return stopped

@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
 
     from lmtune.engine.runner.stop import EXIT_STOPPED
 
-    die_with_parent()
+    die_with_parent(parent_pid=int(os.environ["LMTUNE_LAUNCHER_PID"]) if os.environ.get("LMTUNE_LAUNCHER_PID")
+                    else None)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     code, killed = 0, None
     try:

@@ -71,16 +71,18 @@ def torchrun_command(argv: list[str], environ: Mapping[str, str] | None = None) 
         raise ConfigError("a multi-node run needs ADDR: the address of the node with NODE_RANK=0")
     return [sys.executable, "-m", "lmtune.engine.strategies.agent", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
             f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}", "--max_restarts=0",
+            # passed on to the workers (SIGUSR1: Slurm's --signal warning); the agent's own default lacks it
+            "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
             "-m", "lmtune.cli", *argv, "--launcher", "pytorch"]
 
 
 def relaunch(argv: list[str]) -> int:
     """Run ``lmtune <argv>`` under torchrun's agent and return the exit code a single process would give.
 
-    The agent stops every worker as soon as one fails, so a rank that raises ends the whole run promptly
-    instead of leaving the others waiting in a collective. SIGTERM and Ctrl-C are passed on: the workers
-    save and stop (``supervise``). ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (default 300 s) is how long the agent
-    waits for that save before it kills them.
+    The agent stops every worker when one fails (SIGTERM, then SIGKILL after its 30 s), so a rank that
+    raises ends the whole run instead of leaving the others waiting in a collective. SIGTERM, SIGUSR1 and
+    Ctrl-C are passed on: the workers save and stop (``supervise``). ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``
+    (default 300 s) is how long the agent waits for that save before it kills them.
     """
     import shutil
     import tempfile
@@ -91,8 +93,7 @@ def relaunch(argv: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _env_int(env, "NPROC_PER_NODE", 1))))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
-    # the agent passes these on to the workers (SIGUSR1: Slurm's --signal warning)
-    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    env["LMTUNE_LAUNCHER_PID"] = str(os.getpid())
     results = tempfile.mkdtemp(prefix="lmtune-ranks-")
     env[RESULTS_ENV] = results
     try:

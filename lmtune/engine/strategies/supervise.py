@@ -28,8 +28,11 @@ RESULTS_ENV = "LMTUNE_RESULTS_DIR"
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Have the kernel send ``signum`` to this process when its parent exits (Linux; elsewhere a no-op)."""
+def die_with_parent(signum: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
+    """Have the kernel send ``signum`` to this process when its parent exits (Linux; elsewhere a no-op).
+
+    ``parent_pid``, recorded by the parent before it started this process, catches a parent that died
+    before the request took effect (comparing with 1 would not: in a container the parent may be pid 1)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -37,7 +40,7 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent was already gone before the request took effect
+    if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), signum)
 
 
@@ -59,7 +62,9 @@ def descendants(pid: int) -> list[int]:
 def run_supervised(command: list[str], env: dict[str, str]) -> int:
     """Run ``command`` in its own session, dying with this process, with SIGTERM/SIGINT passed on; returns
     its exit code. A second SIGINT kills it and everything below it."""
-    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    parent = os.getpid()
+    proc = subprocess.Popen(command, env=env, start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
     interrupts = 0
 
     def forward(signum: int, frame) -> None:
@@ -133,7 +138,8 @@ def answer(records: list[dict], stop_code: int) -> tuple[int, str] | None:
         return None
     errors = [r for r in records if r["code"] != stop_code]
     first = errors[0] if errors else min(records, key=lambda r: r["rank"])
-    lines = [first["message"] if first["rank"] == 0 or not errors else f"(rank {first['rank']}) {first['message']}"]
+    everywhere = any(r["rank"] == 0 and r["message"] == first["message"] for r in records)  # not one rank's own
+    lines = [first["message"] if everywhere or not errors else f"(rank {first['rank']}) {first['message']}"]
     seen = {first["message"]}
     for record in errors[1:]:  # another rank's own error of the same kind (its peers' lost connections are not)
         if record["code"] == first["code"] and record["message"] not in seen:
