@@ -411,8 +411,12 @@ def test_a_row_far_longer_than_max_length_is_cut_before_tokenizing_to_the_same_s
     assert got == expected and got["truncated"] and got["length"] == 128
 
 
-def test_a_template_unlike_the_tokenizers_chat_template_is_named_once_with_the_ones_that_match(qwen, caplog):
+def test_a_template_unlike_the_tokenizers_chat_template_is_named_once_with_the_ones_that_match(qwen, caplog,
+                                                                                              monkeypatch):
     from lmtune.compat.xtuner.utils import PROMPT_TEMPLATE as XTUNER_PROMPT_TEMPLATE
+    from lmtune.core import device
+
+    monkeypatch.setattr(device, "_warned", set())  # said once per process: start afresh
     from lmtune.dataset.template_check import check_against_chat_template
     from lmtune.dataset.templates import PROMPT_TEMPLATE
 

@@ -262,3 +262,19 @@ def test_an_xtuner_config_gets_xtuners_templates_and_lmtunes_path_keeps_its_own(
     differing = sorted(n for n in xtuner if n in PROMPT_TEMPLATE and xtuner[n] != dict(PROMPT_TEMPLATE[n]))
     assert {"llama2_chat", "chatglm2", "chatglm3", "baichuan_chat", "baichuan2_chat", "moss_sft", "minicpm",
             "gemma", "deepseek_moe", "mixtral", "deepseek_coder", "mistral", "zephyr"} <= set(differing)
+
+
+def test_a_system_message_with_a_template_without_system_is_said_once(caplog, monkeypatch):
+    from lmtune.compat.xtuner.utils import PROMPT_TEMPLATE as XTUNER_PROMPT_TEMPLATE
+    from lmtune.core import device
+    from lmtune.dataset.map_fns import template_map_fn_factory
+
+    monkeypatch.setattr(device, "_warned", set())  # once per process: start this test's process afresh
+    assert "SYSTEM" not in XTUNER_PROMPT_TEMPLATE.minicpm  # XTuner 0.2.0's minicpm entry
+    map_fn = template_map_fn_factory(XTUNER_PROMPT_TEMPLATE.minicpm)
+    caplog.set_level("WARNING", logger="lmtune")
+    for _ in range(3):
+        out = map_fn({"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello."}]})
+    assert "Be brief." not in out["conversation"][0]["input"]
+    said = [r.getMessage() for r in caplog.records if "has no SYSTEM format" in r.getMessage()]
+    assert len(said) == 1

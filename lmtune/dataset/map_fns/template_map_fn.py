@@ -28,6 +28,11 @@ def template_map_fn(example: dict, template: dict) -> dict:
     for index, turn in enumerate(example.get("conversation") or []):
         turn = dict(turn)
         system = turn.get("system") or ""
+        if system and not template.get("SYSTEM"):
+            from lmtune.core.device import warn_once
+
+            warn_once("the prompt template has no SYSTEM format, so the rows' system messages are left out of "
+                      "the training text (set SYSTEM in the template, or drop the system prompt)")
         system_text = template["SYSTEM"].format(system=system) if system and template.get("SYSTEM") else ""
         if system_inside:
             text = instruction.format(input=turn.get("input", ""), round=index + 1, system=system_text)
