@@ -487,39 +487,57 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes_to_the_unint
 
     iters = 60
     reference = tmp_path / "reference"
-    subprocess.run(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters), env=_env(), check=True,
-                   capture_output=True, timeout=1800)
+    assert main(_long_run_cmd(tiny_model_dir, oasst1_dir, reference, iters)[3:]) == 0  # in-process: the same run
     work = tmp_path / "stopped"
-    _, err = _stop_with(signal.SIGTERM, work, tiny_model_dir, oasst1_dir, iters)
+    _, err = _stop_with(signal.SIGTERM, work, tiny_model_dir, oasst1_dir, iters)  # a real process, a real signal
     command = err.split("Continue with:\n", 1)[1].strip().splitlines()[0]
     assert command.startswith("lmtune train ") and command.endswith(" --resume"), command
-    resume = [sys.executable, "-m", "lmtune.cli", *shlex.split(command)[1:]]
-    done = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(shlex.split(command)[1:]) == 0
     expected = load_file(str(reference / f"iter_{iters}" / ckpt.WEIGHTS))
     got = load_file(str(work / f"iter_{iters}" / ckpt.WEIGHTS))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
 
 
+class SignalAt:
+    """Sends this process ``signum`` after iteration ``at`` (a real signal to a real run, in-process);
+    with ``again``, a second one that many seconds later, from another thread."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self, signum, at: int, again: float | None = None) -> None:
+        self.signum, self.at, self.again = signum, at, again
+
+    def __getattr__(self, name):  # every other hook point: nothing
+        return lambda *args, **kwargs: None
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if runner.iter + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+            if self.again is not None:
+                import threading
+
+                threading.Timer(self.again, os.kill, (os.getpid(), self.signum)).start()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
 def test_a_first_ctrl_c_and_slurms_usr1_warning_stop_the_same_way(tmp_path, tiny_model_dir, oasst1_dir, signum):
-    _, err = _stop_with(signum, tmp_path / "w", tiny_model_dir, oasst1_dir, 10000)
-    assert "--resume" in err
+    from lmtune.engine.runner.stop import RunStopped
+
+    runner = _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 1000, "save_steps": 1000})
+    runner.hooks.append(SignalAt(signum, at=3))
+    with pytest.raises(RunStopped) as stopped:
+        runner.train()
+    assert stopped.value.signal_name == signum.name and stopped.value.iteration == 3
+    assert stopped.value.checkpoint == runner.work_dir / "iter_3" and ckpt.find_latest(runner.work_dir).name == "iter_3"
+    assert signal.getsignal(signum) is not None and not runner.stop_requests._previous  # handlers restored
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, oasst1_dir):
-    work = tmp_path / "w"
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, oasst1_dir, monkeypatch):
     # slow saves (a test hook) keep the stop's save running while the second Ctrl-C arrives
-    proc = subprocess.Popen(_long_run_cmd(tiny_model_dir, oasst1_dir, work, 300), env=_env(slow=5.0),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_logged_iterations(work, proc, 3)
-    proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + 600
-    while not list(work.glob(".iter_*.tmp")) and time.monotonic() < deadline:  # the save has begun
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, err[-2000:]
-    assert "lmtune: interrupted" in err
-    assert not ckpt.list_checkpoints(work) and not list(work.glob(".iter_*"))
+    monkeypatch.setenv(ckpt.SLOW_SAVE_ENV, "3")
+    runner = _runner(tmp_path, tiny_model_dir, oasst1_dir, **{"train_cfg.max_iters": 1000, "save_steps": 1000})
+    runner.hooks.append(SignalAt(signal.SIGINT, at=3, again=1.0))
+    with pytest.raises(KeyboardInterrupt):
+        runner.train()
+    assert not ckpt.list_checkpoints(runner.work_dir) and not list(runner.work_dir.glob(".iter_*"))

@@ -405,8 +405,10 @@ class FailOnRankOne(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         import torch.distributed as dist
 
+        from lmtune.core.errors import UserError
+
         if dist.get_rank() == 1 and runner.iter == 1:
-            raise RuntimeError("rank 1 fails on purpose")
+            raise UserError("rank 1 fails on purpose")
 
 
 custom_hooks = [dict(type=FailOnRankOne)]
@@ -422,8 +424,12 @@ def test_a_failing_rank_ends_the_run_promptly(tmp_path, tiny_model_dir, data_dir
     # the other rank waits in a collective whose timeout is 30 min: the run must end long before (it takes
     # about 20 s on an idle 2-core machine, torchrun stopping the waiting rank), whatever the machine's load
     done = subprocess.run(cmd, env=_env(2), capture_output=True, text=True, timeout=1200)
-    assert done.returncode != 0
-    assert "rank 1 fails on purpose" in done.stderr
+    # one clear message, from the rank it happened on, with the exit code of a user error in one process (2);
+    # no torchrun traceback or failure table
+    assert done.returncode == 2, _failure_report(done)
+    assert [line for line in done.stderr.splitlines() if "fails on purpose" in line] == [
+        "(rank 1) lmtune: error: rank 1 fails on purpose"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ a ported hub-code family (InternLM2)
@@ -504,17 +510,17 @@ def test_workers_end_when_their_launcher_dies(tmp_path, tiny_model_dir, data_dir
     assert ckpt.find_latest(work) is not None
 
 
-def test_a_user_error_in_the_workers_is_told_once_with_the_single_process_exit_code(tmp_path, tiny_model_dir,
-                                                                                    data_dir, capsys, monkeypatch):
-    from lmtune.cli import main
+def test_the_agent_answers_once_for_all_ranks():
+    from lmtune.engine.strategies.supervise import answer
 
-    opts = _opts(tiny_model_dir, data_dir, max_length=1)  # refused by the runner, in every worker
-    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
-    code = main(["train", str(SEED_CFG), "--work-dir", str(tmp_path / "one"), "--cfg-options", *opts])
-    one = capsys.readouterr().err
-    two = train(tmp_path / "two", opts, nproc=2, check=False)
-    assert code == two.returncode == 2, _failure_report(two)
-    error = [line for line in one.splitlines() if line.startswith("lmtune: error:")]
-    assert len(error) == 1 and "max_length" in error[0], one[-3000:]
-    assert [line for line in two.stderr.splitlines() if line.startswith("lmtune: error:")] == error, two.stderr
-    assert "Traceback" not in two.stderr and "ChildFailedError" not in two.stderr, two.stderr[-3000:]
+    same = "lmtune: error: max_length must be at least 2"
+    everywhere = [{"rank": 1, "code": 2, "message": same, "time": 1.0}, {"rank": 0, "code": 2, "message": same,
+                                                                         "time": 2.0}]
+    assert answer(everywhere, 75) == (2, same)  # the same error on every rank: said once, as one process says it
+    lost_peer = [{"rank": 1, "code": 2, "message": "lmtune: error: bad row 7", "time": 1.0},
+                 {"rank": 0, "code": 1, "message": "lmtune: RuntimeError: connection closed", "time": 2.0}]
+    assert answer(lost_peer, 75) == (2, "(rank 1) lmtune: error: bad row 7")  # the cause, not its echo
+    stopped = [{"rank": 1, "code": 75, "message": "", "time": 1.0},
+               {"rank": 0, "code": 75, "message": "lmtune: stopped by SIGTERM ...", "time": 2.0}]
+    assert answer(stopped, 75) == (75, "lmtune: stopped by SIGTERM ...")
+    assert answer([], 75) is None
