@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -37,6 +40,23 @@ def broadcast_object(value: object, src: int = 0) -> object:
         dist.broadcast_object_list(box, src=src)
         value = box[0]
     return value
+
+
+def decided_by_main_process(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on rank 0 only, its result given to every rank; a ``UserError`` it raises is raised
+    on every rank with the same message (so no rank waits in a collective for one that has given up)."""
+    from lmtune.core.errors import UserError
+
+    result, message = None, None
+    if is_main_process():
+        try:
+            result = decide()
+        except UserError as exc:
+            message = str(exc)
+    result, message = broadcast_object((result, message))
+    if message:
+        raise UserError(message)
+    return result
 
 
 def barrier() -> None:

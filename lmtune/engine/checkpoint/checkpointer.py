@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import lmtune
-from lmtune.core.dist import all_reduce_sum, broadcast_object, get_rank, get_world_size, is_main_process
+from lmtune.core.dist import all_reduce_sum, decided_by_main_process, get_rank, get_world_size, is_main_process
 from lmtune.core.errors import ConfigError
 from lmtune.engine.checkpoint import format as ckpt
 from lmtune.engine.checkpoint import lineage
@@ -73,16 +73,7 @@ class Checkpointer:
         answer (or its error), so no two ranks resume different checkpoints."""
         if not resume:
             return None
-        found, message = None, None
-        if is_main_process():
-            try:
-                found = self._choose(resume, load_from)
-            except ConfigError as exc:
-                message = str(exc)
-        found, message = broadcast_object((None if found is None else str(found), message))
-        if message:
-            raise ConfigError(message)
-        return None if found is None else Path(found)
+        return decided_by_main_process(lambda: self._choose(resume, load_from))
 
     def _choose(self, resume: bool | str, load_from: str | None) -> Path | None:
         path = resume if isinstance(resume, (str, Path)) else load_from
@@ -101,25 +92,23 @@ class Checkpointer:
     def check_fresh(self, overwrite: bool) -> None:
         """A fresh run does not write into a directory that holds another run's checkpoints, unless told to.
 
-        Rank 0 looks; every rank raises the same error."""
-        message = None
-        if is_main_process():
-            earlier = ckpt.list_checkpoints(self.directory)
-            if earlier:
-                newest = earlier[-1]
-                run = ckpt.run_of(newest)
-                what = f"{len(earlier)} checkpoint(s) of an earlier run (newest {newest.name}" + \
-                       (f", run {run})" if run else ")")
-                if overwrite:
-                    self.logger.warning(f"{self.directory} holds {what}; --overwrite: this run's checkpoints "
-                                        "replace same-named ones, the others are kept")
-                else:
-                    message = (f"{self.directory} holds {what}, which this run would write over: continue that "
-                               "run with --resume, choose another --work-dir, or pass --overwrite to start a new "
-                               "run there anyway")
-        message, self.run_id = broadcast_object((message, self.run_id))
-        if message:
-            raise ConfigError(message)
+        Rank 0 looks; every rank raises the same error, and takes rank 0's run id."""
+        self.run_id = decided_by_main_process(lambda: self._check_fresh(overwrite))
+
+    def _check_fresh(self, overwrite: bool) -> str:
+        earlier = ckpt.list_checkpoints(self.directory)
+        if earlier:
+            newest = earlier[-1]
+            run = ckpt.run_of(newest)
+            what = f"{len(earlier)} checkpoint(s) of an earlier run (newest {newest.name}" + \
+                   (f", run {run})" if run else ")")
+            if not overwrite:
+                raise ConfigError(f"{self.directory} holds {what}, which this run would write over: continue "
+                                  "that run with --resume, choose another --work-dir, or pass --overwrite to start "
+                                  "a new run there anyway")
+            self.logger.warning(f"{self.directory} holds {what}; --overwrite: this run's checkpoints replace "
+                                "same-named ones, the others are kept")
+        return self.run_id
 
     def continue_run(self, path: Path, state: dict) -> None:
         """The resumed checkpoint's run becomes this run; its recorded settings must be this config's."""

@@ -316,10 +316,9 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None,
-                run_id: str | None = None) -> Path | None:
+def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None) -> Path | None:
     """The checkpoint a resume continues from: ``last_checkpoint``'s when it is sound, else the newest sound
-    checkpoint of the same run (``run_id``, by default the pointer's; every checkpoint when neither says).
+    checkpoint of the pointer's run (of every checkpoint when the pointer names no run).
 
     A damaged candidate is reported through ``warn`` (default: the ``lmtune`` logger) and skipped.
     Raises ``ConfigError`` when the run has checkpoints but none of them is sound: starting over would
@@ -329,8 +328,7 @@ def find_latest(work_dir: str | os.PathLike, warn: Callable[[str], Any] | None =
     if not work_dir.is_dir():
         return None
     warn = warn or logging.getLogger("lmtune").warning
-    pointed, pointer_run = read_pointer(work_dir)
-    run_id = run_id or pointer_run
+    pointed, run_id = read_pointer(work_dir)
     candidates = [p for p in work_dir.iterdir()
                   if p.is_dir() and p.name.startswith(("iter_", "epoch_")) and _step_of(p) >= 0
                   and (run_id is None or _may_be_of(p, run_id))]

@@ -13,7 +13,7 @@ import torch
 import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.core.device import default_device
-from lmtune.core.dist import barrier, broadcast_object, get_world_size, is_main_process
+from lmtune.core.dist import barrier, broadcast_object, decided_by_main_process, get_world_size, is_main_process
 from lmtune.engine.checkpoint import Checkpointer
 from lmtune.engine.checkpoint.lineage import resume_settings
 from lmtune.engine.optim import StepSettings
@@ -150,22 +150,16 @@ class Runner:
     def _lock_dirs(self) -> None:
         """Rank 0 locks the work dir (and a separate checkpoint dir) for the life of the run; every rank
         raises the same error when another live run holds one."""
-        message = None
-        if is_main_process():
-            for directory in dict.fromkeys([self.work_dir, self.checkpointer.directory]):
-                lock = WorkDirLock(directory)
-                try:
-                    lock.acquire()
-                except ConfigError as exc:
-                    message = str(exc)
-                    break
-                self._locks.append(lock)
-                if lock.previous_holder:
-                    self.logger.info(f"took over the stale lock of {directory} (its run, {lock.previous_holder}, "
-                                     "has ended)")
-        message = broadcast_object(message)
-        if message:
-            raise ConfigError(message)
+        decided_by_main_process(self._acquire_locks)
+
+    def _acquire_locks(self) -> None:
+        for directory in dict.fromkeys([self.work_dir, self.checkpointer.directory]):
+            lock = WorkDirLock(directory)
+            lock.acquire()
+            self._locks.append(lock)
+            if lock.previous_holder:
+                self.logger.info(f"took over the stale lock of {directory} (its run, {lock.previous_holder}, "
+                                 "has ended)")
 
     def _release_locks(self) -> None:
         for lock in self._locks:
