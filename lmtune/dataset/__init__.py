@@ -11,6 +11,7 @@ from lmtune.dataset.intern_repo import (
 )
 from lmtune.dataset.modelscope import process_ms_dataset
 from lmtune.dataset.moss import MOSSSFTDataset
+from lmtune.dataset.preference import build_preference_dataset, load_jsonl_dataset, preference_collate_fn
 from lmtune.dataset.samplers import DefaultSampler
 from lmtune.dataset.templates import PROMPT_TEMPLATE, SYSTEM_TEMPLATE, get_template
 
@@ -18,4 +19,5 @@ route_calls(loading.route)  # every load_dataset a config builds fails with the 
 
 __all__ = ["PROMPT_TEMPLATE", "SYSTEM_TEMPLATE", "ConcatDataset", "DefaultSampler", "MOSSSFTDataset",
            "build_packed_dataset", "get_template", "load_intern_repo_tokenized_dataset",
-           "load_intern_repo_untokenized_dataset", "process_hf_dataset", "process_ms_dataset"]
+           "load_intern_repo_untokenized_dataset", "build_preference_dataset", "load_jsonl_dataset",
+           "preference_collate_fn", "process_hf_dataset", "process_ms_dataset"]

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,33 @@ def wait_for(key: str, timeout: float, poll: float = 1.0):
         time.sleep(poll)
     raise ConfigError(f"waited {timeout:.0f}s for rank 0 to prepare the dataset (cache {cache_root() / key}); "
                       "raise train_dataset.dataset_wait_timeout if preprocessing takes longer")
+
+
+
+def prepared(dataset: Any, use_cache: bool, timeout: float, prepare: Callable[[], tuple[Any, dict]],
+             report: Callable[[dict], None], **key_parts: Any):
+    """The processed form of ``dataset``: from the cache when an entry of the same ``key_parts`` exists (another
+    rank of a distributed run waits up to ``timeout`` seconds for rank 0 to write it), else ``prepare()``'s,
+    which rank 0 then saves and memory-maps. ``report`` logs the stats either way. Only datasets named by a
+    config dict or backed by files are cached."""
+    from lmtune.config.build import is_type_dict
+    from lmtune.core.dist import get_rank, is_distributed
+
+    key = None
+    if use_cache and (is_type_dict(dataset) or getattr(dataset, "cache_files", None)):
+        key = cache_key(dataset=dataset, **key_parts)
+        found = load(key)
+        if found is None and is_distributed() and get_rank() != 0:
+            found = wait_for(key, timeout)
+        if found is not None:
+            data, stats = found
+            logger.info(f"Loaded the processed dataset from cache ({cache_root() / key})")
+            report(stats)
+            return data
+    data, stats = prepare()
+    report(stats)
+    if key is None or get_rank() != 0:
+        return data
+    save(key, data, stats)
+    found = load(key)  # memory-map the saved copy instead of holding the result
+    return found[0] if found is not None else data

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lmtune.config.build import build, is_type_dict
-from lmtune.core.dist import get_rank, is_distributed
+from lmtune.config.build import build
+from lmtune.core.dist import get_rank
 from lmtune.core.errors import ConfigError
 from lmtune.dataset import cache
 from lmtune.dataset.packing import PACKERS
@@ -87,31 +87,15 @@ def process_hf_dataset(
     map_fn = processor.map_fn if processor is not None else None
     template_fn = processor.template_fn if processor is not None else None
 
-    key = None
-    if use_cache and (is_type_dict(dataset) or getattr(dataset, "cache_files", None)):
-        key = cache.cache_key(
-            dataset=dataset, split=split, tokenizer=cache.tokenizer_signature(tok) if tok is not None else None,
-            map_fn=map_fn, template_fn=template_fn, max_length=max_length, max_dataset_length=max_dataset_length,
-            rename_maps=rename_maps, shuffle_before_pack=shuffle_before_pack, pack=pack_to_max_length,
-            pack_strategy=pack_strategy, tokenize=do_dataset_tokenization, skip_bad_rows=skip_bad_rows, seed=seed)
-        found = cache.load(key)
-        if found is None and is_distributed() and get_rank() != 0:
-            found = cache.wait_for(key, dataset_wait_timeout)
-        if found is not None:
-            data, stats = found
-            logger.info(f"Loaded the processed dataset from cache ({cache.cache_root() / key})")
-            _log_stats(source, stats)
-            return data
-
-    data, stats = _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps,
-                           shuffle_before_pack, pack_to_max_length, pack_strategy, map_num_proc, seed)
-    _log_stats(source, stats)
-    if key is not None and get_rank() == 0:
-        cache.save(key, data, stats)
-        found = cache.load(key)  # memory-map the saved copy instead of holding the result
-        if found is not None:
-            data = found[0]
-    return data
+    return cache.prepared(
+        dataset, use_cache, dataset_wait_timeout,
+        lambda: _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps,
+                         shuffle_before_pack, pack_to_max_length, pack_strategy, map_num_proc, seed),
+        lambda stats: _log_stats(source, stats),
+        split=split, tokenizer=cache.tokenizer_signature(tok) if tok is not None else None,
+        map_fn=map_fn, template_fn=template_fn, max_length=max_length, max_dataset_length=max_dataset_length,
+        rename_maps=rename_maps, shuffle_before_pack=shuffle_before_pack, pack=pack_to_max_length,
+        pack_strategy=pack_strategy, tokenize=do_dataset_tokenization, skip_bad_rows=skip_bad_rows, seed=seed)
 
 
 def _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps, shuffle_before_pack,

@@ -50,6 +50,7 @@ from lmtune.model.loss_kernels import (
     IDENTITY,
     LogitTransform,
     _checkpointed,
+    _checkpointed_token_logps,
     _chunks,
     _head_loss,
     _liger,
@@ -88,6 +89,60 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def count_target_tokens(labels: torch.Tensor) -> int:
     """How many positions of a batch carry a loss."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# the key of a preference batch (``lmtune.dataset.preference``) numbering its sequences: chosen 2k, rejected
+# 2k + 1 of pair k, -1 on padding
+SEQUENCE_INDEX = "sequence_index"
+
+
+def loss_units(batch: dict) -> dict[str, int]:
+    """What a batch holds of each unit a loss averages over: target ``tokens``; for preference batches also
+    ``pairs``, ``chosen_tokens`` (the target tokens of the chosen responses) and ``chosen_all_tokens`` (every
+    predicted token of the chosen sequences, prompts included).
+
+    The loop sums them over an optimizer step and all ranks and divides each loss term by its unit's total, so a
+    step's loss is the mean over its pairs (tokens) however they are split into micro-batches and ranks.
+    """
+    labels = batch["labels"]
+    units = {"tokens": count_target_tokens(labels)}
+    sequences = batch.get(SEQUENCE_INDEX)
+    if sequences is not None:
+        units["pairs"] = int(sequences.max()) // 2 + 1 if sequences.numel() else 0
+        trained = shifted_targets(labels) != IGNORE_INDEX
+        chosen = (sequences % 2 == 0) & (sequences >= 0)
+        units["chosen_tokens"] = int((trained & chosen).sum())
+        units["chosen_all_tokens"] = int((chosen[:, :-1] & (sequences[:, 1:] == sequences[:, :-1])).sum())
+    return units
+
+
+def sequence_targets(input_ids: torch.Tensor, sequence_index: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Targets predicting every next token inside the ``sequences`` listed (their prompts too), IGNORE elsewhere."""
+    same = torch.zeros_like(sequence_index, dtype=torch.bool)
+    same[:, :-1] = (sequence_index[:, 1:] == sequence_index[:, :-1]) & torch.isin(sequence_index[:, :-1], sequences)
+    nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return torch.where(same, nxt, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def causal_lm_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probability of each target under ``logits`` ((tokens, vocab) and (tokens,), no ignored targets)."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def linear_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                       chunk_size: int | str = DEFAULT_LOSS_CHUNK_SIZE,
+                       transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """fp32 log-probability of each target under ``transform(head(hidden))``, ``chunk_size`` tokens at a time.
+
+    The sequence-level losses of preference training weigh each token by its sequence's gradient, so they need
+    every token's log-probability, not the sum: each chunk is checkpointed (its logits are recomputed in the
+    backward pass), and no (tokens, vocab) tensor is ever held.
+    """
+    if chunk_size == "auto":
+        weight = getattr(head, "weight", None)
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None)
+                                     or (weight.shape[0] if torch.is_tensor(weight) else 0), hidden.device)
+    return _checkpointed_token_logps(hidden, head, targets, max(int(chunk_size), 1), transform)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

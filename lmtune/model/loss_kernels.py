@@ -284,6 +284,26 @@ def _head_loss(head, h, t, transform):
     return _ce_sum(head(h), t, transform)
 
 
+def _head_token_logps(head, h, t, transform):
+    logits = transform(head(h))
+    return -F.cross_entropy(logits, t, reduction="none")
+
+
+def _checkpointed_token_logps(hidden, head, targets, chunk_size, transform):
+    """Per-token log-probabilities, a chunk at a time; the backward pass recomputes one chunk's logits at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start, end in _chunks(hidden.shape[0], chunk_size):
+        if grad:
+            parts.append(checkpoint(_head_token_logps, head, hidden[start:end], targets[start:end], transform,
+                                    use_reentrant=False))
+        else:
+            parts.append(_head_token_logps(head, hidden[start:end], targets[start:end], transform))
+    return torch.cat(parts)
+
+
 def _checkpointed(hidden, head, targets, chunk_size, transform):
     from torch.utils.checkpoint import checkpoint
 

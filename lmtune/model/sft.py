@@ -150,15 +150,26 @@ class SupervisedFinetune(nn.Module):
         return {} if bounds is None else {SEGMENTS_KWARG: bounds}
 
     def _chunked_loss(self, input_ids, targets, position_ids, attention_mask) -> torch.Tensor | None:
-        """The loss over the head's output in chunks; None where this model needs the plain path.
+        """The loss over the head's output in chunks; None where this model needs the plain path."""
+        found = self._final_hidden(self.llm, input_ids, position_ids, attention_mask)
+        if found is None:
+            return None
+        hidden, head = found
+        mask = targets != IGNORE_INDEX
+        return linear_cross_entropy_sum(hidden[mask], head, targets[mask], self.loss_chunk_size,
+                                        self._logit_transform)
+
+    def _final_hidden(self, llm, input_ids, position_ids, attention_mask) -> tuple[torch.Tensor, nn.Module] | None:
+        """``llm``'s final hidden states and its output head, for a loss computed in chunks; None where this
+        model needs the plain path.
 
         The whole model runs (so wrappers' hooks, FSDP and ZeRO-3 gathering work as usual), but
         a pre-hook on the output head takes the final hidden states and hands the head none of
         them (a few on the first call, to check that ``LogitTransform`` reproduces what the model
-        does to its logits). ``linear_cross_entropy_sum`` then runs the head on the labelled
-        positions only, a chunk at a time.
+        does to its logits). The caller then runs the head on the labelled positions only
+        (``linear_cross_entropy_sum``, ``linear_token_logps``), a chunk at a time.
         """
-        base = self._base_model()
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if not isinstance(head, nn.Module):
             return self._give_up_chunking("the model has no output head module")
@@ -182,8 +193,8 @@ class SupervisedFinetune(nn.Module):
 
         handle = head.register_forward_pre_hook(take_hidden, with_kwargs=True)
         try:
-            out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                           use_cache=False, **self._attention_kwargs(position_ids, attention_mask))
+            out = llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False, **self._attention_kwargs(position_ids, attention_mask))
         finally:
             handle.remove()
         hidden = seen.get("hidden")
@@ -198,10 +209,7 @@ class SupervisedFinetune(nn.Module):
             if not close:
                 return self._give_up_chunking("it transforms its logits in a way lmtune does not reproduce")
             self._chunked_loss_ok = True
-        del out
-        mask = targets != IGNORE_INDEX
-        return linear_cross_entropy_sum(hidden[mask], head, targets[mask], self.loss_chunk_size,
-                                        self._logit_transform)
+        return hidden, head
 
     def _give_up_chunking(self, why: str) -> None:
         self._chunked_loss_ok = False

@@ -195,6 +195,7 @@ class LoggerHook(Hook):
         self._measured_rate: float | None = None
         self._times: list[float] = []
         self._grad_norms: list[float] = []
+        self._metrics: dict[str, list[float]] = {}  # the loop's metrics (preference rewards): [sum, count]
 
     # -- progress bar ------------------------------------------------------
     def _wants_bar(self, stream: Any) -> bool:
@@ -289,6 +290,10 @@ class LoggerHook(Hook):
         self._tokens += int(outputs.get("num_tokens", 0))
         if "grad_norm" in outputs and outputs["grad_norm"] is not None:
             self._grad_norms.append(float(outputs["grad_norm"]))
+        for name, (total, count) in (outputs.get("metrics") or {}).items():
+            window = self._metrics.setdefault(name, [0.0, 0.0])
+            window[0] += float(total)
+            window[1] += float(count)
         step_time = runner.message_hub.get("time", 0.0)
         self._times.append(step_time)
         self._run_time += step_time
@@ -308,6 +313,9 @@ class LoggerHook(Hook):
                    "data_time": runner.message_hub.get("data_time", 0.0)}
         if self._grad_norms:
             scalars["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
+        # each over all pairs of the window, on all ranks
+        metrics = {name: total / count for name, (total, count) in self._metrics.items() if count}
+        scalars.update(metrics)
         scalars["memory"] = peak_memory_mib()
         scalars.update(throughput)
         if self._step_tokens is not None:
@@ -335,6 +343,7 @@ class LoggerHook(Hook):
                   if key in throughput]
         if "step_tokens" in scalars:
             parts.append(f"step_tokens: {scalars['step_tokens']}")
+        parts += [f"{name}: {value:.4f}" for name, value in metrics.items()]
         runner.logger.info("  ".join(parts))
         with open(self._path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(scalars) + "\n")

@@ -26,7 +26,10 @@ MATPLOTLIB_HINT = "pip install matplotlib"  # or: pip install 'lmtune[plot]'
 # panels: (key in scalars.jsonl, title, log scale for the y axis). The fourth shows the throughput where a
 # ThroughputHook logged it, else the time per iteration, which every run logs.
 PANELS = (("loss", "loss", False), ("lr", "learning rate", False), ("grad_norm", "gradient norm", True),
-          ("tokens_per_sec", "throughput (tokens/s)", False))
+          ("tokens_per_sec", "throughput (tokens/s)", False),
+          # preference training and reward models
+          ("rewards/margins", "reward margin (chosen - rejected)", False),
+          ("rewards/accuracies", "reward accuracy (chosen > rejected)", False))
 SPEED_FALLBACK = ("time", "time per iteration (s)", False)
 
 _LOG_DIR_NAME = re.compile(r"^(\d{8}_\d{6})(?:_(\d+))?$")

@@ -11,7 +11,7 @@ from lmtune.core.dist import all_reduce_sum, get_world_size
 from lmtune.core.errors import ConfigError
 from lmtune.engine.flops import sample_lengths
 from lmtune.engine.runner.stop import StopTraining
-from lmtune.model.loss import count_target_tokens
+from lmtune.model.loss import loss_units
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,16 +150,18 @@ class TrainLoop:
         """One optimizer step over a group of micro-batches."""
         runner = self.runner
         model, optim = runner.model, runner.optim_wrapper
-        local_tokens = sum(count_target_tokens(batch["labels"]) for batch in group)
-        # one reduction for the step: its target tokens, a stop request (SIGTERM, Ctrl-C) on any rank, and the
-        # non-pad input tokens of each micro-batch (for the logged tokens/s)
+        units = [loss_units(batch) for batch in group]
+        names = list(units[0])
+        # one reduction for the step: its loss units (target tokens; pairs), a stop request (SIGTERM, Ctrl-C) on
+        # any rank, and the non-pad input tokens of each micro-batch (for the logged tokens/s)
         stop = float(runner.stop_requests.requested is not None)
-        local = [float(local_tokens), stop, *(float(sum(sample_lengths(batch))) for batch in group)]
+        local = [*(float(sum(u[name] for u in units)) for name in names), stop,
+                 *(float(sum(sample_lengths(batch))) for batch in group)]
         totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=runner.device)).tolist()
-        step_tokens, stops, input_tokens = totals[0], totals[1], totals[2:]
+        step_units = dict(zip(names, totals[:len(names)]))
+        stops, input_tokens = totals[len(names)], totals[len(names) + 1:]
         if stops:
             raise StopTraining(f"{int(stops)} rank(s) were asked to stop")
-        scale = get_world_size() / max(step_tokens, 1.0)
         loss_finite = True
         for k, batch in enumerate(group):
             last = k == len(group) - 1
@@ -169,17 +171,16 @@ class TrainLoop:
             with runner.strategy.micro_batch(model, last):
                 with optim.optim_context():
                     out = model(**inputs)
-                optim.backward(out["loss_sum"] * scale)
-            loss_sum, num_tokens = out["loss_sum"].detach().float(), out["num_tokens"].detach().float()
-            if get_world_size() > 1:  # the logged loss is that of all ranks' tokens, as in one process
-                loss_sum, num_tokens = all_reduce_sum(torch.stack([loss_sum, num_tokens])).unbind()
-            outputs = {"loss": float(loss_sum / num_tokens.clamp(min=1)), "loss_sum": float(loss_sum),
-                       "num_tokens": int(num_tokens), "input_tokens": int(input_tokens[k])}
+                terms = out.get("loss_terms") or {"tokens": out["loss_sum"]}
+                optim.backward(sum(term * (get_world_size() / max(step_units[unit], 1.0))
+                                   for unit, term in terms.items()))
+            outputs = self._outputs(out, terms, units[k])
+            outputs["input_tokens"] = int(input_tokens[k])
             loss_finite = loss_finite and math.isfinite(outputs["loss_sum"])
             if last:
                 outputs["grad_norm"] = optim.step(loss_finite=loss_finite)
                 outputs["step_tokens"] = int(sum(input_tokens))  # non-pad input tokens of the step, all ranks
-                outputs["step_target_tokens"] = step_tokens
+                outputs["step_target_tokens"] = step_units["tokens"]
                 if getattr(optim, "skipped", False):
                     self._report_skipped(outputs)
             self.at_step_boundary = last
@@ -189,3 +190,30 @@ class TrainLoop:
             self.iter += 1
             self.iter_in_epoch += 1
             self.in_after_iter = 0
+
+    @staticmethod
+    def _outputs(out: dict, terms: dict, units: dict) -> dict:
+        """The micro-batch's loss over all ranks (as in one process), and its metrics.
+
+        ``loss``: each term over its unit's count, summed; ``loss_sum`` and ``num_tokens``: that loss times the
+        count of the first term's unit, and the count (so a window of iterations averages them as one batch).
+        ``metrics``: the model's per-pair sums, as ``{name: (sum, pairs)}`` of all ranks.
+        """
+        metrics = out.get("metrics") or {}
+        local = [t.detach().float().reshape(()) for t in terms.values()]
+        local += [torch.tensor(float(units[unit]), device=local[0].device) for unit in terms]
+        local += [m.detach().float().reshape(()) for m in metrics.values()]
+        local.append(torch.tensor(float(units.get("pairs", 0)), device=local[0].device))
+        values = torch.stack(local)
+        if get_world_size() > 1:
+            values = all_reduce_sum(values)
+        values = values.tolist()
+        n = len(terms)
+        sums, counts, metric_sums, pairs = values[:n], values[n:2 * n], values[2 * n:-1], values[-1]
+        loss = sum(total / max(count, 1.0) for total, count in zip(sums, counts))
+        primary = counts[0]
+        loss_sum = sums[0] if n == 1 else loss * primary
+        outputs = {"loss": loss, "loss_sum": loss_sum, "num_tokens": int(primary)}
+        if metrics:
+            outputs["metrics"] = {name: (total, pairs) for name, total in zip(metrics, metric_sums)}
+        return outputs

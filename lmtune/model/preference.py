@@ -1,0 +1,267 @@
+"""Preference training of a causal LM: ``DPO`` (and its loss variants), ``ORPO`` and ``SimPO``.
+
+They take the batches of ``lmtune.dataset.preference`` (``sequence_index`` numbers the chosen and rejected
+sequences of each pair) and build on ``SupervisedFinetune`` for everything else: quantization, LoRA, the
+chunked head (each token's log-probability is computed a chunk of positions at a time, so the logits of a
+batch are never held), packed sequences kept apart, checkpoints.
+
+``forward`` returns per-pair sums (``loss_terms``, ``metrics``): the loop divides them by the pairs (and
+chosen tokens) of the whole optimizer step on all ranks, so accumulation and ranks give the loss of one large
+batch. The formulas follow the papers and the definitions TRL and XTuner use (the tests check them against
+TRL's trainers).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmtune.config.build import is_type_dict
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
+from lmtune.model.build import build_llm
+from lmtune.model.loss import (
+    SEQUENCE_INDEX,
+    causal_lm_token_logps,
+    linear_token_logps,
+    loss_units,
+    sequence_targets,
+    shifted_targets,
+)
+from lmtune.model.sft import SupervisedFinetune
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "kto_pair", "sppo_hard", "nca_pair", "bco_pair")
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for large ``-x``."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class PreferenceModel(SupervisedFinetune):
+    """What the preference losses share: each sequence's summed log-probability of its response, and the
+    number of its response tokens."""
+
+    def __init__(self, llm: Any, beta: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(llm, **kwargs)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
+            raise ConfigError(f"model.beta must be a positive number, got {beta!r}")
+        self.beta = float(beta)
+
+    def token_logps(self, llm: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The log-probability of each target that is not ignored (in the order of ``targets != IGNORE``)."""
+        mask = targets != IGNORE_INDEX
+        if self.loss_chunk_size and self._chunked_loss_ok is not False:
+            found = self._final_hidden(llm, input_ids, position_ids, attention_mask)
+            if found is not None:
+                hidden, head = found
+                return linear_token_logps(hidden[mask], head, targets[mask], self.loss_chunk_size,
+                                          self._logit_transform)
+        logits = llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                     use_cache=False, **self._attention_kwargs(position_ids, attention_mask)).logits
+        return causal_lm_token_logps(logits[mask], targets[mask])  # the model's own logits
+
+    @staticmethod
+    def per_sequence(values: torch.Tensor, at: torch.Tensor, sequence_index: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of ``values`` per sequence, their number): ``values`` belong to the positions ``at``."""
+        sequences = sequence_index[at]
+        count = int(sequence_index.max()) + 1
+        sums = torch.zeros(count, dtype=torch.float32, device=values.device).index_add(0, sequences, values)
+        return sums, torch.bincount(sequences, minlength=count).to(torch.float32)
+
+    def sequence_logps(self, llm: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       position_ids: torch.Tensor | None, sequence_index: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability of each sequence's labelled tokens, their number), each of shape (sequences,)."""
+        targets = shifted_targets(labels)
+        values = self.token_logps(llm, input_ids, targets, position_ids, attention_mask)
+        return self.per_sequence(values, targets != IGNORE_INDEX, sequence_index)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **batch: Any) -> dict[str, Any]:
+        sequence_index = self._sequence_index(batch)
+        logps, lengths = self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
+                                             attention_mask)
+        terms, metrics = self.pair_loss(logps, lengths, input_ids, labels, position_ids, sequence_index,
+                                        attention_mask)
+        return self._outputs(terms, metrics, labels, sequence_index)
+
+    def _sequence_index(self, batch: dict) -> torch.Tensor:
+        sequence_index = batch.get(SEQUENCE_INDEX)
+        if sequence_index is None:
+            raise ConfigError(f"{type(self).__name__} trains on pairs: build train_dataset with "
+                              "build_preference_dataset and set train_dataloader.collate_fn="
+                              "dict(type=preference_collate_fn)")
+        return sequence_index
+
+    @staticmethod
+    def _outputs(terms: dict, metrics: dict, labels: torch.Tensor, sequence_index: torch.Tensor) -> dict[str, Any]:
+        """The loop's inputs (``loss_terms``, ``metrics``: sums) and this batch's own ``loss``."""
+        units = loss_units({"labels": labels, SEQUENCE_INDEX: sequence_index})
+        loss = sum(term / max(units[unit], 1) for unit, term in terms.items())
+        return {"loss_terms": terms, "metrics": {k: v.detach() for k, v in metrics.items()},
+                "loss_sum": terms["pairs"], "num_tokens": torch.tensor(units["pairs"]), "loss": loss}
+
+    def pair_loss(self, logps, lengths, input_ids, labels, position_ids, sequence_index, attention_mask):
+        """``(loss_terms, metrics)``: per-pair sums; ``loss_terms`` maps a unit (``pairs``, ``chosen_tokens``) to
+        the sum to divide by the step's count of it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
+        """TRL's names: the sums over the pairs (the loop divides by the step's pairs)."""
+        return {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                "logps/chosen": chosen_logps.sum(), "logps/rejected": rejected_logps.sum()}
+
+
+class DPO(PreferenceModel):
+    """Direct Preference Optimization against a frozen reference model.
+
+    ``loss_type``: ``sigmoid`` (DPO; ``label_smoothing`` > 0 gives conservative DPO), ``robust``, ``hinge``,
+    ``ipo`` (on per-token averages), ``sppo_hard``, ``nca_pair``, ``bco_pair``, and XTuner's ``kto_pair`` (its KL
+    terms are means over the micro-batch, so only that one loss depends on how pairs are batched).
+
+    The reference: with LoRA/QLoRA the base model with its adapters disabled (no second copy); ``ref_llm`` a
+    separate model (or its config), frozen; otherwise a frozen copy of the model as it starts.
+    """
+
+    def __init__(self, llm: Any, ref_llm: Any = None, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ConfigError(f"model.loss_type={loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
+        if not 0.0 <= float(label_smoothing) < 0.5:
+            raise ConfigError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+        super().__init__(llm, beta=beta, **kwargs)
+        self.loss_type, self.label_smoothing = loss_type, float(label_smoothing)
+        if ref_llm is not None:
+            if not (isinstance(ref_llm, nn.Module) or is_type_dict(ref_llm)):
+                raise ConfigError("model.ref_llm must be a model or its dict(type=...) config")
+            ref, _ = build_llm(ref_llm, kwargs.get("max_position_embeddings"), self.device,
+                               kwargs.get("use_varlen_attn", False))
+            self.ref_llm = _frozen(ref)
+        elif self.use_lora:
+            self.ref_llm = None  # the adapters disabled
+        else:
+            self.ref_llm = _frozen(copy.deepcopy(self.llm))
+
+    def reference_logps(self, input_ids, labels, position_ids, sequence_index, attention_mask) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_llm is not None:
+                return self.sequence_logps(self.ref_llm, input_ids, labels, position_ids, sequence_index,
+                                           attention_mask)[0]
+            with self.llm.disable_adapter():
+                return self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
+                                           attention_mask)[0]
+
+    def pair_loss(self, logps, lengths, input_ids, labels, position_ids, sequence_index, attention_mask):
+        ref = self.reference_logps(input_ids, labels, position_ids, sequence_index, attention_mask)
+        chosen, rejected, ref_chosen, ref_rejected = logps[0::2], logps[1::2], ref[0::2], ref[1::2]
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+        beta, smoothing = self.beta, self.label_smoothing
+        kind = self.loss_type
+        if kind == "sigmoid":
+            losses = -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
+        elif kind == "robust":
+            losses = (-F.logsigmoid(beta * delta) * (1 - smoothing)
+                      + F.logsigmoid(-beta * delta) * smoothing) / (1 - 2 * smoothing)
+        elif kind == "hinge":
+            losses = torch.relu(1 - beta * delta)
+        elif kind == "ipo":  # on per-token averages, as the IPO authors compute it
+            average = chosen_ratio / lengths[0::2].clamp(min=1) - rejected_ratio / lengths[1::2].clamp(min=1)
+            losses = (average - 1 / (2 * beta)) ** 2
+        elif kind == "sppo_hard":
+            losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+        elif kind == "nca_pair":
+            losses = (-F.logsigmoid(beta * chosen_ratio) - 0.5 * F.logsigmoid(-beta * chosen_ratio)
+                      - 0.5 * F.logsigmoid(-beta * rejected_ratio))
+        elif kind == "bco_pair":
+            losses = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+        else:  # kto_pair: the KL of each side estimated from the other side's mean over the micro-batch
+            chosen_kl, rejected_kl = chosen_ratio.mean().clamp(min=0), rejected_ratio.mean().clamp(min=0)
+            losses = ((1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)))
+                      + (1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio)))) / 2
+        metrics = self._reward_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach(),
+                                       chosen.detach(), rejected.detach())
+        return {"pairs": losses.sum()}, metrics
+
+
+class SimPO(PreferenceModel):
+    """SimPO: no reference model; the margin of per-token average log-probabilities, less ``gamma``
+    (TRL's CPO trainer with ``loss_type='simpo'``: ``simpo_gamma``, and ``cpo_alpha`` times the chosen
+    responses' NLL; SimPO itself uses ``cpo_alpha=0``)."""
+
+    def __init__(self, llm: Any, beta: float = 2.0, gamma: float = 0.5, cpo_alpha: float = 0.0,
+                 label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(llm, beta=beta, **kwargs)
+        self.gamma, self.cpo_alpha, self.label_smoothing = float(gamma), float(cpo_alpha), float(label_smoothing)
+
+    def pair_loss(self, logps, lengths, *unused):
+        average = logps / lengths.clamp(min=1)
+        chosen, rejected = average[0::2], average[1::2]
+        margin = self.beta * (chosen - rejected) - self.gamma
+        losses = -F.logsigmoid(margin) * (1 - self.label_smoothing) - F.logsigmoid(-margin) * self.label_smoothing
+        terms = {"pairs": losses.sum()}
+        if self.cpo_alpha:
+            terms["chosen_tokens"] = -self.cpo_alpha * logps[0::2].sum()
+        return terms, self._reward_metrics(self.beta * chosen.detach(), self.beta * rejected.detach(),
+                                           chosen.detach(), rejected.detach())
+
+
+class ORPO(PreferenceModel):
+    """ORPO: the chosen responses' NLL (a mean over their tokens) less ``beta`` times the mean log-sigmoid of
+    the log odds ratio of the per-token average log-probabilities; no reference model.
+
+    ``nll_on_prompt``: the NLL over the chosen sequences' prompts too, as TRL's ``ORPOTrainer`` computes it;
+    off by default, as in XTuner and the ORPO paper's supervised term (the response only).
+    """
+
+    def __init__(self, llm: Any, beta: float = 0.1, nll_on_prompt: bool = False, **kwargs: Any) -> None:
+        super().__init__(llm, beta=beta, **kwargs)
+        self.nll_on_prompt = bool(nll_on_prompt)
+
+    def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **batch):
+        if not self.nll_on_prompt:
+            return super().forward(input_ids, labels, position_ids, attention_mask, **batch)
+        # one pass over every token of the chosen sequences and the responses of the rejected ones
+        sequence_index = self._sequence_index(batch)
+        responses = shifted_targets(labels)
+        chosen_ids = torch.arange(0, int(sequence_index.max()) + 1, 2, device=sequence_index.device)
+        targets = torch.where(responses != IGNORE_INDEX, responses,
+                              sequence_targets(input_ids, sequence_index, chosen_ids))
+        values = self.token_logps(self.llm, input_ids, targets, position_ids, attention_mask)
+        trained = targets != IGNORE_INDEX
+        in_response = (responses != IGNORE_INDEX)[trained]
+        logps, lengths = self.per_sequence(values[in_response], responses != IGNORE_INDEX, sequence_index)
+        everything, _ = self.per_sequence(values, trained, sequence_index)
+        terms, metrics = self.pair_loss(logps, lengths, nll=("chosen_all_tokens", -everything[0::2].sum()))
+        return self._outputs(terms, metrics, labels, sequence_index)
+
+    def pair_loss(self, logps, lengths, *unused, nll: tuple[str, torch.Tensor] | None = None):
+        average = logps / lengths.clamp(min=1)
+        chosen, rejected = average[0::2], average[1::2]
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = F.logsigmoid(log_odds)
+        unit, nll = nll or ("chosen_tokens", -logps[0::2].sum())
+        terms = {"pairs": -self.beta * ratio.sum(), unit: nll}
+        metrics = self._reward_metrics(self.beta * chosen.detach(), self.beta * rejected.detach(),
+                                       chosen.detach(), rejected.detach())
+        metrics.update({"log_odds_ratio": ratio.detach().sum(), "log_odds_chosen": log_odds.detach().sum()})
+        return terms, metrics
+
+
+__all__ = ["DPO", "DPO_LOSS_TYPES", "ORPO", "PreferenceModel", "SimPO"]

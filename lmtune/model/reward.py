@@ -1,0 +1,96 @@
+"""``RewardModel``: a causal LM's decoder with a scalar head, trained on preference pairs (Bradley–Terry).
+
+Each sequence of a pair ends with the reward token (``build_preference_dataset(is_reward=True, ...)``); the
+score is the head's output on the final hidden state at that token. The loss of a pair is
+``-log sigmoid(score_chosen - score_rejected)`` (``loss_type='ranking'``; ``'focal'`` down-weights pairs already
+ranked with confidence) plus ``penalty_weight`` times a penalty keeping scores small (``'log_barrier'`` inside
+(-5, 5), ``'L2'``, or ``'none'``), XTuner's definitions. The head is a bias-free ``Linear(hidden_size, 1)``
+starting at zero: it is exactly the ``score`` layer of transformers' ``*ForSequenceClassification`` with
+``num_labels=1``, so ``lmtune convert`` exports a standard sequence-classification model (scoring the last
+token, which is the reward token when the input ends with it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.core.errors import ConfigError
+from lmtune.model.loss import SEQUENCE_INDEX
+from lmtune.model.sft import SupervisedFinetune
+
+LOSS_TYPES = ("ranking", "focal")
+PENALTY_TYPES = ("log_barrier", "L2", "none")
+
+
+class RewardModel(SupervisedFinetune):
+    """A reward model from a causal LM (``llm``, with ``lora`` / quantization as in ``SupervisedFinetune``)."""
+
+    def __init__(self, llm: Any, lora: Any = None, reward_token_id: int | None = None, loss_type: str = "ranking",
+                 penalty_type: str = "log_barrier", penalty_weight: float = 0.01, **kwargs: Any) -> None:
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"model.loss_type={loss_type!r} is not one of {list(LOSS_TYPES)}")
+        if penalty_type not in PENALTY_TYPES:
+            raise ConfigError(f"model.penalty_type={penalty_type!r} is not one of {list(PENALTY_TYPES)}")
+        super().__init__(llm, lora=lora, **kwargs)
+        self.reward_token_id = reward_token_id
+        self.loss_type, self.penalty_type, self.penalty_weight = loss_type, penalty_type, float(penalty_weight)
+        hidden = self._base_model().config.get_text_config().hidden_size
+        self.v_head = nn.Linear(hidden, 1, bias=False, device=self.llm.get_input_embeddings().weight.device)
+        nn.init.zeros_(self.v_head.weight)
+
+    def final_hidden(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        """The final hidden states (after the last norm) of every position."""
+        if self.loss_chunk_size and self._chunked_loss_ok is not False:
+            found = self._final_hidden(self.llm, input_ids, position_ids, attention_mask)
+            if found is not None:
+                return found[0]
+        out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                       use_cache=False, output_hidden_states=True,
+                       **self._attention_kwargs(position_ids, attention_mask))
+        return out.hidden_states[-1]
+
+    def scores(self, input_ids, labels, position_ids=None, sequence_index=None, attention_mask=None) -> torch.Tensor:
+        """The score of each sequence (shape (sequences,)), read at its labelled (reward) token."""
+        hidden = self.final_hidden(input_ids, position_ids, attention_mask)
+        at = labels != IGNORE_INDEX
+        values = self.v_head(hidden[at].to(self.v_head.weight.dtype)).squeeze(-1).float()
+        if sequence_index is None:
+            return values
+        order = torch.argsort(sequence_index[at])
+        if not torch.equal(sequence_index[at][order], torch.arange(len(order), device=order.device)):
+            raise ConfigError("each sequence of a reward batch needs exactly one labelled token (its reward "
+                              "token): build the dataset with build_preference_dataset(is_reward=True, ...)")
+        return values[order]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **batch: Any) -> dict[str, Any]:
+        sequence_index = batch.get(SEQUENCE_INDEX)
+        if sequence_index is None:
+            raise ConfigError("RewardModel trains on pairs: build train_dataset with build_preference_dataset("
+                              "is_reward=True, ...) and set train_dataloader.collate_fn=dict(type="
+                              "preference_collate_fn)")
+        scores = self.scores(input_ids, labels, position_ids, sequence_index, attention_mask)
+        chosen, rejected = scores[0::2], scores[1::2]
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.loss_type == "focal":
+            confidence = 2 * torch.relu(torch.sigmoid(chosen - rejected) - 0.5)
+            losses = (1 - confidence) ** 2 * losses
+        if self.penalty_type == "log_barrier":
+            bounded = torch.stack([chosen, rejected]).clamp(-5 + 1e-3, 5 - 1e-3)
+            losses = losses + self.penalty_weight * (-torch.log(5 - bounded) - torch.log(bounded + 5)).sum(0)
+        elif self.penalty_type == "L2":
+            losses = losses + self.penalty_weight * (chosen ** 2 + rejected ** 2)
+        pairs = chosen.shape[0]
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {"rewards/chosen": c.sum(), "rewards/rejected": r.sum(),
+                   "rewards/accuracies": (c > r).float().sum(), "rewards/margins": (c - r).sum()}
+        return {"loss_terms": {"pairs": losses.sum()}, "metrics": metrics, "loss_sum": losses.sum(),
+                "num_tokens": torch.tensor(pairs), "loss": losses.sum() / max(pairs, 1)}
+
+
+__all__ = ["LOSS_TYPES", "PENALTY_TYPES", "RewardModel"]

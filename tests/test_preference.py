@@ -1,0 +1,191 @@
+"""Preference training (DPO and its loss variants, ORPO, SimPO) and reward models.
+
+The exactness tests compare with TRL's trainers on the same tokens: tests/fixtures/preference/ holds a tiny
+Llama policy, a reference, and TRL's losses and metrics (written by benchmarks/trl_preference_fixture.py in
+the TRL environment; TRL is not installed here).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtune.config import ConfigError
+from lmtune.core.constants import IGNORE_INDEX
+from lmtune.dataset.preference import build_preference_dataset, pack_pairs, preference_collate_fn
+
+FIXTURE = Path(__file__).parent / "fixtures" / "preference"
+TRL = json.loads((FIXTURE / "trl_reference.json").read_text())
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def llm(name: str = "policy") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(FIXTURE / name),
+                dtype=torch.float32)
+
+
+def rows_of(pairs: list[dict]) -> list[dict]:
+    """Rows as build_preference_dataset makes them, from prompt / response token ids."""
+    rows = []
+    for p in pairs:
+        prompt = list(p["prompt_ids"])
+        seqs = [(prompt + list(p[k]), [IGNORE_INDEX] * len(prompt) + list(p[k])) for k in ("chosen_ids",
+                                                                                         "rejected_ids")]
+        rows.append({"input_ids": seqs[0][0] + seqs[1][0], "labels": seqs[0][1] + seqs[1][1],
+                     "num_tokens": [len(seqs[0][0]), len(seqs[1][0])], "length": len(seqs[0][0]) + len(seqs[1][0])})
+    return rows
+
+
+def packed(rows: list[dict], capacity: int) -> list[dict]:
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    out = pack_pairs(batch, capacity)
+    return [{k: out[k][i] for k in out} for i in range(len(out["input_ids"]))]
+
+
+def metrics_of(out: dict, pairs: int) -> dict:
+    return {k: float(v) / pairs for k, v in out["metrics"].items()}
+
+
+@pytest.fixture(scope="module")
+def dpo_model():
+    from lmtune.model import DPO
+
+    return DPO(llm=llm(), ref_llm=llm("ref"), use_activation_checkpointing=False)
+
+
+@pytest.mark.parametrize("layout", ["one pair a row", "packed"])
+def test_dpo_loss_types_and_metrics_equal_trls(dpo_model, layout):
+    fixture = TRL["dpo"]
+    rows = rows_of(fixture["pairs"])
+    batch = (preference_collate_fn(rows) if layout == "one pair a row"
+             else preference_collate_fn(packed(rows, 300), use_varlen_attn=True))
+    if layout == "packed":
+        assert batch["input_ids"].shape[0] < len(rows)  # several pairs share a row
+    for loss_type, expected in fixture["losses"].items():
+        dpo_model.loss_type, dpo_model.label_smoothing = loss_type, expected["label_smoothing"]
+        with torch.no_grad():
+            out = dpo_model(**batch)
+        assert float(out["loss"]) == pytest.approx(expected["loss"], abs=1e-5, rel=1e-5), loss_type
+        got = metrics_of(out, len(rows))
+        for name in METRICS:
+            assert got[name] == pytest.approx(expected[name], abs=1e-5, rel=1e-5), (loss_type, name)
+
+
+@pytest.mark.parametrize("kind", ["orpo", "simpo"])
+def test_orpo_and_simpo_equal_trls(kind):
+    from lmtune.model import ORPO, SimPO
+
+    fixture = TRL[kind]
+    # TRL's ORPO takes the NLL over the chosen prompts too; XTuner's (lmtune's default) over the responses only
+    model = (ORPO(llm=llm(), beta=fixture["beta"], nll_on_prompt=True, use_activation_checkpointing=False)
+             if kind == "orpo" else
+             SimPO(llm=llm(), beta=fixture["beta"], gamma=fixture["simpo_gamma"], cpo_alpha=fixture["cpo_alpha"],
+                   use_activation_checkpointing=False))
+    rows = rows_of(fixture["pairs"])
+    for batch in (preference_collate_fn(rows), preference_collate_fn(packed(rows, 300), use_varlen_attn=True)):
+        with torch.no_grad():
+            out = model(**batch)
+        assert float(out["loss"]) == pytest.approx(fixture["loss"], abs=1e-5, rel=1e-5)
+        got = metrics_of(out, len(rows))
+        for name in METRICS + (("log_odds_ratio", "log_odds_chosen") if kind == "orpo" else ()):
+            assert got[name] == pytest.approx(fixture[name], abs=1e-5, rel=1e-5), name
+
+
+def test_reward_model_equals_trls_reward_trainer():
+    from lmtune.model import RewardModel
+
+    fixture = TRL["reward"]
+    model = RewardModel(llm=llm(), penalty_type="none", use_activation_checkpointing=False)
+    with torch.no_grad():
+        model.v_head.weight.copy_(torch.load(FIXTURE / "reward_head.pt")["score.weight"])
+    token = fixture["reward_token_id"]
+    rows = []
+    for r in fixture["rows"]:
+        seqs = [r["chosen_ids"], r["rejected_ids"]]
+        labels = [[IGNORE_INDEX] * (len(s) - 1) + [token] for s in seqs]
+        rows.append({"input_ids": seqs[0] + seqs[1], "labels": labels[0] + labels[1],
+                     "num_tokens": [len(s) for s in seqs]})
+    for batch in (preference_collate_fn(rows), preference_collate_fn(rows, use_varlen_attn=True)):
+        with torch.no_grad():
+            out = model(**batch)
+        got = metrics_of(out, len(rows))
+        assert float(out["loss"]) == pytest.approx(fixture["loss"], abs=1e-5)
+        assert got["rewards/accuracies"] == pytest.approx(fixture["accuracy"])
+        assert got["rewards/margins"] == pytest.approx(fixture["margin"], abs=1e-5)
+        mean = (got["rewards/chosen"] + got["rewards/rejected"]) / 2
+        assert mean == pytest.approx(fixture["mean_reward"], abs=1e-5)
+
+
+# ------------------------------------------------------------------ the data
+
+
+def write_pairs(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def conv(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": rejected}  # a string: one assistant message
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(FIXTURE / "policy")
+
+
+def test_pairs_are_the_chat_template_with_only_the_responses_trained(tmp_path, tokenizer):
+    from datasets import load_dataset
+
+    data = write_pairs(tmp_path / "pairs.jsonl", [conv("is the sky blue", "the sky is blue", "grass")])
+    ds = build_preference_dataset(dict(type=load_dataset, path="json", data_files=data), tokenizer, 256,
+                                  use_cache=False)
+    row = ds[0]
+    c, r = row["num_tokens"]
+    messages = [{"role": "user", "content": "is the sky blue"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for start, n, answer in ((0, c, "the sky is blue"), (c, r, "grass")):
+        ids, labels = row["input_ids"][start:start + n], row["labels"][start:start + n]
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+        assert tokenizer.decode(ids) == full  # the whole conversation, as the template writes it
+        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+        assert tokenizer.decode(labels[prompt_len:]) == full[len(prompt):]  # the response and its end marker
+
+
+def test_bad_pairs_are_reported_by_row_or_dropped_and_counted(tmp_path, tokenizer, caplog):
+    from datasets import load_dataset
+
+    def build(rows, **kw):
+        data = write_pairs(tmp_path / "bad.jsonl", rows)
+        return build_preference_dataset(dict(type=load_dataset, path="json", data_files=data), tokenizer,
+                                        kw.pop("max_length", 256), use_cache=False, **kw)
+
+    good = conv("name a fruit", "an apple", "a dog")
+    with pytest.raises(ConfigError, match=r"row 1 of .*bad.jsonl: it has no 'rejected'.*skip_bad_rows"):
+        build([good, {"prompt": "hi", "chosen": "there"}])
+    with pytest.raises(ConfigError, match=r"row 0 of .*its prompt is empty"):
+        build([conv(" ", "a", "b"), good])
+    caplog.set_level("INFO", logger="lmtune")
+    ds = build([good, conv("say yes", "yes", "yes"), {"prompt": "x", "chosen": "y"},
+                conv("count " * 100, "one two", "three")], max_length=64, skip_bad_rows=True)
+    assert len(ds) == 1
+    line = next(r.message for r in caplog.records if r.message.startswith("Preference dataset"))
+    assert "1 malformed and skipped" in line and "1 dropped: chosen and rejected identical" in line
+    assert "1 dropped: nothing to train after truncation" in line and "1 pairs" in line
+    caplog.clear()
+    ds = build([good, conv("name a colour " * 3, "red " * 20, "blue")], use_varlen_attn=True,
+               max_packed_length=120)
+    assert "1 dropped: longer than max_packed_length" in caplog.text and len(ds) == 1
+    with pytest.raises(ConfigError, match="no pair .* is left"):
+        build([conv("say yes", "yes", "yes")])
+    with pytest.raises(ConfigError, match="reward_token_id must be set"):
+        build([good], is_dpo=False, is_reward=True)
