@@ -65,6 +65,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_ROOT = REPO / "benchmarks/.venv-xtuner/lib/python3.11/site-packages/xtuner/configs"
 EXCLUDED_DIRS = {"llava", "internvl", "dpo", "orpo", "reward_model", "deepspeed"}
+# --scope preference: these folders, and configs elsewhere that build preference data (minicpm's DPO)
+PREFERENCE_DIRS = {"dpo", "orpo", "reward_model"}
+PREFERENCE_MARK = "build_preference_dataset"
 
 # 512, not 128: the tiny tokenizers' 384-token vocabulary takes about one token per 1.4 characters, and
 # some configs' system prompts (lawyer, medical, the ReAct tool prompt) alone fill 128 tokens.
@@ -92,7 +95,7 @@ ARCH_RULES = [
     (r"deepseek-coder|deepseek_coder", "llama"),
     (r"llama|vicuna|(^|/)yi[-_]", "llama"),
     (r"internlm3", "internlm3"),
-    (r"internlm2", "internlm2"),
+    (r"internlm2|polar", "internlm2"),  # POLAR reward models are InternLM2
     (r"internlm", "internlm"),
     (r"chatglm", "chatglm"),
     (r"baichuan", "baichuan"),
@@ -242,6 +245,41 @@ ROWS: dict[str, list[dict]] = {
     "tokenized": [{"input_ids": list(range(3, 3 + 60)), "labels": list(range(3, 3 + 60))}],
     "moss": [MOSS],
 }
+# preference pairs: orpo-dpo-mix-40k / ultrafeedback (whole conversations), Intel orca pairs, and rows that are
+# pairs already (dataset_map_fn=None); POLAR's rows add a reference answer
+MIX = [{"chosen": CHAT[1:3], "rejected": [CHAT[1], {"role": "assistant", "content": "London, I think."}]},
+       {"chosen": CHAT[1:], "rejected": CHAT[1:4] + [{"role": "assistant", "content": "No."}]}]
+ROWS.update({
+    "orpo_dpo_mix_40k": MIX,
+    "intel_orca_dpo": [{"system": "Be brief.", "question": "What is the capital of France?", "chosen": "Paris.",
+                        "rejected": "London."}],
+    "preference": [{"prompt": CHAT[:2], "chosen": [CHAT[2]], "rejected": [{"role": "assistant", "content": "Rome."}]}],
+    "polar": [{"prompt": CHAT[1:2], "reference": [CHAT[2]], "chosen": [CHAT[2]],
+               "rejected": [{"role": "assistant", "content": "Rome."}]}],
+})
+REWARD_TOKEN = 5  # an id every tiny vocabulary has
+# XTuner's preference data renders pairs with the tokenizer's chat template, which the real models' tokenizers
+# have and the tiny ones may lack: the family's template (its markers as text where the tiny vocabulary lacks them)
+CHATML = ("{{ bos_token }}{% for m in messages %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+              " + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "minicpm": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<用户>' + m['content'] }}"
+                "{% elif m['role'] == 'assistant' %}{{ '<AI>' + m['content'] + eos_token }}{% else %}{{ m['content'] }}"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<AI>' }}{% endif %}"),
+}
+
+
+def chat_template_for(arch: str, model_dir: Path) -> str | None:
+    """The chat template to give a tiny tokenizer that has none (None: it has one)."""
+    settings = model_dir / "tokenizer_config.json"  # read, not loaded: a hub-code tokenizer runs through lmtune
+    if (model_dir / "chat_template.jinja").is_file() or (
+            settings.is_file() and json.loads(settings.read_text(encoding="utf-8")).get("chat_template")):
+        return None
+    return CHAT_TEMPLATES.get(arch.removesuffix("3"), CHATML)
 ROW_REPEAT = 8  # each file holds its rows this many times: enough for 2 iterations with packing
 
 
@@ -341,13 +379,18 @@ def tiny_model(models_dir: Path, arch: str, style: str, fixture: str | None = No
 
 # --------------------------------------------------------------------------- configs
 
-def discover(root: Path) -> list[Path]:
+def discover(root: Path, scope: str = "sft") -> list[Path]:
     files = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if path.name == "__init__.py" or rel.parts[0] in EXCLUDED_DIRS or "__pycache__" in rel.parts:
+        if path.name == "__init__.py" or "__pycache__" in rel.parts:
             continue
-        files.append(path)
+        if scope == "preference":
+            if rel.parts[0] in PREFERENCE_DIRS or (rel.parts[0] not in EXCLUDED_DIRS
+                                                   and PREFERENCE_MARK in path.read_text(encoding="utf-8")):
+                files.append(path)
+        elif rel.parts[0] not in EXCLUDED_DIRS:
+            files.append(path)
     return files
 
 
@@ -376,7 +419,8 @@ def walk(node, visit, seen: set | None = None) -> None:
 
 
 DATASET_BUILDERS = ("process_hf_dataset", "process_ms_dataset", "MOSSSFTDataset",
-                    "load_intern_repo_tokenized_dataset", "load_intern_repo_untokenized_dataset")
+                    "load_intern_repo_tokenized_dataset", "load_intern_repo_untokenized_dataset",
+                    "build_preference_dataset")
 
 
 def data_format(node: dict) -> str:
@@ -387,6 +431,8 @@ def data_format(node: dict) -> str:
     if kind.startswith("load_intern_repo_"):
         return kind.removeprefix("load_").removesuffix("_dataset")
     fn = node.get("dataset_map_fn")
+    if fn is None and kind == "build_preference_dataset":
+        return "polar" if node.get("is_reference") else "preference"  # rows of prompt / chosen / rejected
     if fn is None:
         return "conversation" if node.get("do_dataset_tokenization", True) else "tokenized"
     name = fn if isinstance(fn, str) else (type_name(fn) if isinstance(fn, dict) else getattr(fn, "__name__", str(fn)))
@@ -488,7 +534,8 @@ def _hub_id_of(path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- one run (in a child process)
 
-def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: bool = False) -> None:
+def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: bool = False,
+           chat_template: str | None = None) -> None:
     """Point a loaded config at the tiny model and data, and make the run 2 short iterations.
 
     ``quantize=False`` drops a 4-bit ``quantization_config``. ``relaxed=True`` (the retry of a failed
@@ -501,11 +548,16 @@ def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: b
     def model_and_data(d: dict) -> None:
         if isinstance(d.get("pretrained_model_name_or_path"), str):
             d["pretrained_model_name_or_path"] = model_dir
+            if chat_template and "Tokenizer" in str(getattr(d.get("type"), "__qualname__", d.get("type"))):
+                d["chat_template"] = chat_template
         kind = type_name(d)
-        if kind in ("process_hf_dataset", "process_ms_dataset"):
+        if kind in ("process_hf_dataset", "process_ms_dataset", "build_preference_dataset"):
             d["dataset"] = dict(type=load_dataset, path="json", data_files=data[data_format(d)])
-            if d.get("map_num_proc"):
-                d["map_num_proc"] = None
+            for key in ("map_num_proc", "num_proc"):
+                if d.get(key):
+                    d[key] = None
+        if isinstance(d.get("reward_token_id"), int) and d["reward_token_id"] >= 0:
+            d["reward_token_id"] = REWARD_TOKEN  # the real model's unused token is past the tiny vocabulary
         elif kind == "MOSSSFTDataset":
             d["data_file"] = data["moss"]
         elif kind and kind.startswith("load_intern_repo_"):
@@ -526,12 +578,14 @@ def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: b
     walk(cfg, model_and_data)
 
     def lengths(d: dict) -> None:
-        for key in ("max_length", "packed_length"):
+        for key in ("max_length", "packed_length", "max_packed_length"):
             if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
-                d[key] = RUN_MAX_LENGTH
+                d[key] = RUN_MAX_LENGTH * (2 if key == "max_packed_length" else 1)
 
     walk(cfg.get("train_dataloader"), lengths)
     cfg["pretrained_model_name_or_path"] = model_dir
+    if isinstance(cfg.get("reward_token_id"), int) and cfg["reward_token_id"] >= 0:
+        cfg["reward_token_id"] = REWARD_TOKEN
     cfg.pop("model_resource", None)  # a hub download of the model the tiny one stands for
     cfg["train_cfg"]["max_iters"] = RUN_ITERS
     cfg["train_cfg"]["max_epochs"] = None
@@ -559,7 +613,9 @@ def run_one(job: dict) -> dict:
         model_dir = tiny_model(Path(job["models_dir"]), job["arch"], job["style"], job.get("fixture"))
         stage = "load"
         cfg = Config.fromfile(job["path"])
-        shrink(cfg, str(model_dir), job["data"], job["quantize"], job.get("relaxed", False))
+        template = chat_template_for(job["arch"], model_dir) if PREFERENCE_MARK in Path(job["path"]).read_text(
+            encoding="utf-8") else None
+        shrink(cfg, str(model_dir), job["data"], job["quantize"], job.get("relaxed", False), template)
         stage = "build"
         runner = Runner.from_config(cfg, work_dir=job["work_dir"], seed=1)
         stage = "train"
@@ -737,6 +793,14 @@ def status(entry: dict) -> str:
     return entry["run"]["status"]
 
 
+def scope_text(settings: dict) -> str:
+    if settings.get("scope") == "preference":
+        return (f"Scope: the preference configs of XTuner's `xtuner/configs` tree (the "
+                f"{', '.join(sorted(PREFERENCE_DIRS))} folders, and configs elsewhere that call "
+                f"`{PREFERENCE_MARK}`): ")
+    return f"Scope: the `.py` files of XTuner's `xtuner/configs` tree outside {', '.join(sorted(EXCLUDED_DIRS))}: "
+
+
 def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> str:
     """The Markdown report; ``settings``: the run's ``threads`` and ``sample``."""
     import torch
@@ -753,13 +817,14 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
     runnable_all, runnable_loaded = native_all + port_all, native_loaded + port_loaded
     ran = [e for e in engine if status(e) == "ran"]
     attempted = [e for e in engine if "run" in e]
-    out = ["# XTuner v0.2.0 configs in lmtune: load and run share", "",
+    title = "preference configs" if settings.get("scope") == "preference" else "configs"
+    out = [f"# XTuner v0.2.0 {title} in lmtune: load and run share", "",
            f"Measured by `benchmarks/xtuner_configs.py` on {time.strftime('%Y-%m-%d')} "
            f"(torch {torch.__version__}, transformers {transformers.__version__}, CPU, "
            f"{settings['threads']} threads). Load pass: {seconds['load']:.0f} s"
            + (f"; run pass: {seconds['run'] / 60:.1f} min ({len(attempted)} runs)." if "run" in seconds else "."),
            "",
-           f"Scope: the `.py` files of XTuner's `xtuner/configs` tree outside {', '.join(sorted(EXCLUDED_DIRS))}: "
+           scope_text(settings) +
            f"{len(entries)} files, of which {len(trainer_scripts)} are scripts for transformers' `Trainer` "
            "(`framework = \"huggingface\"`, no XTuner engine parts; lmtune has no Trainer path) and "
            f"{len(engine)} are XTuner engine configs. Shares below are of the {len(engine)} engine configs.", ""]
@@ -889,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--work-dir", type=Path, help="keep tiny models, data and run logs here")
     parser.add_argument("--report-from", type=Path, help="only write the report of a saved --json file")
+    parser.add_argument("--scope", choices=("sft", "preference"), default="sft",
+                        help="preference: the dpo, orpo and reward_model configs (and minicpm's DPO ones)")
     args = parser.parse_args(argv)
     if args.report_from:
         saved = json.loads(args.report_from.read_text(encoding="utf-8"))
@@ -898,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     root = args.config_root.resolve()
-    files = discover(root)
+    files = discover(root, args.scope)
     if args.only:
         files = [p for p in files if re.search(args.only, str(p.relative_to(root)))]
     if args.limit:
@@ -923,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
                 for e in entries:
                     if run_class(e) is None and "run" not in e:
                         e["sampled_out"] = True
-        settings = {"threads": args.threads, "sample": args.sample}
+        settings = {"threads": args.threads, "sample": args.sample, "scope": args.scope}
         text = report(entries, settings, seconds)
     finally:
         if not args.work_dir:

@@ -189,3 +189,122 @@ def test_bad_pairs_are_reported_by_row_or_dropped_and_counted(tmp_path, tokenize
         build([conv("say yes", "yes", "yes")])
     with pytest.raises(ConfigError, match="reward_token_id must be set"):
         build([good], is_dpo=False, is_reward=True)
+
+
+# ------------------------------------------------------------------ training runs
+
+PREFERENCE_CONFIG = """\
+import torch
+from datasets import load_dataset
+from torch.optim import SGD
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmtune.dataset import DefaultSampler, build_preference_dataset, preference_collate_fn
+from lmtune.dataset.preference import orpo_dpo_mix_40k_map_fn
+from lmtune.engine.hooks import CheckpointHook, LoggerHook
+from lmtune.engine.optim import AmpOptimWrapper
+from lmtune.engine.runner import TrainLoop
+from lmtune.model import DPO, ORPO, RewardModel, SimPO
+
+path = {path!r}
+data_files = {data!r}
+use_varlen_attn = False
+batch_size = 2
+accumulative_counts = 1
+max_iters = 1
+tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=path)
+model = dict(type={model}, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
+             llm=dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=path,
+                      dtype=torch.float32))
+train_dataloader = dict(
+    batch_size=batch_size, num_workers=0,
+    dataset=dict(type=build_preference_dataset, dataset=dict(type=load_dataset, path="json", data_files=data_files),
+                 tokenizer=tokenizer, max_length=96, dataset_map_fn=orpo_dpo_mix_40k_map_fn,
+                 use_varlen_attn=use_varlen_attn, max_packed_length=400, shuffle_before_pack=False),
+    sampler=dict(type=DefaultSampler, shuffle=True),
+    collate_fn=dict(type=preference_collate_fn, use_varlen_attn=use_varlen_attn))
+optim_wrapper = dict(type=AmpOptimWrapper, optimizer=dict(type=SGD, lr=1.0), accumulative_counts=accumulative_counts,
+                     dtype="float32")
+param_scheduler = []
+train_cfg = dict(type=TrainLoop, max_iters=max_iters)
+default_hooks = dict(logger=dict(type=LoggerHook, interval=1),
+                     checkpoint=dict(type=CheckpointHook, interval=1000, by_epoch=False))
+"""
+
+
+def mix_rows(n: int = 8) -> list[dict]:
+    """orpo-dpo-mix-40k rows (whole conversations) with responses of quite different lengths."""
+    import random
+
+    rng = random.Random(7)
+    words = "the sky is blue grass green apples pears red yellow cat dog".split()
+    rows = []
+    for k in range(n):
+        prompt = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 6)))}]
+        rows.append({key: prompt + [{"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(
+            1, 3 + 3 * (k % 4))))}] for key in ("chosen", "rejected")})
+    return rows
+
+
+def preference_run(tmp_path: Path, name: str, model: str = "DPO", **settings):
+    from lmtune.config import Config
+    from lmtune.engine.runner import Runner
+
+    data = tmp_path / "mix.jsonl"
+    if not data.exists():
+        write_pairs(data, mix_rows())
+    path = tmp_path / f"{name}.py"
+    path.write_text(PREFERENCE_CONFIG.format(path=str(FIXTURE / "policy"), data=str(data), model=model))
+    cfg = Config.fromfile(path, {k: v for k, v in settings.items()})
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / name), seed=3)
+    runner.train()
+    rows = [json.loads(line) for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
+    return runner, rows
+
+
+def trained(runner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in runner.model.trainable_state_dict().items()}
+
+
+@pytest.mark.parametrize("model", ["ORPO", "DPO"])
+def test_accumulated_micro_batches_and_packing_give_the_step_of_one_batch(tmp_path, model):
+    # ORPO divides its two terms by different totals (pairs, chosen tokens): both must be the step's
+    one, rows_one = preference_run(tmp_path, "one", model, batch_size=4)
+    acc, rows_acc = preference_run(tmp_path, "acc", model, batch_size=1, accumulative_counts=4, max_iters=4)
+    a, b = trained(one), trained(acc)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    # the logged metrics of the step are over all 4 pairs: the mean of the 4 micro-batches'
+    means = {k: sum(r[k] for r in rows_acc) / 4 for k in ("rewards/margins", "logps/chosen")}
+    assert means["logps/chosen"] == pytest.approx(rows_one[0]["logps/chosen"], abs=1e-4)
+    assert means["rewards/margins"] == pytest.approx(rows_one[0]["rewards/margins"], abs=1e-5)
+    if model == "DPO":  # all 8 pairs in one step: one pair a row, or packed into a single row
+        rows_run, _ = preference_run(tmp_path, "rows", model, batch_size=8)
+        packed_run, _ = preference_run(tmp_path, "packed", model, batch_size=1, use_varlen_attn=True,
+                                       **{"train_dataloader.dataset.max_packed_length": 2000})
+        assert len(packed_run.train_loop.dataloader.dataset) == 1
+        a, b = trained(rows_run), trained(packed_run)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_pairs_are_tokenized_as_xtuner_tokenizes_them(tmp_path, tokenizer):
+    """XTuner 0.2.0's own tokenize / tokenize_ref on the same rows (benchmarks/xtuner_preference_fixture.py)."""
+    from datasets import Dataset
+
+    xt = json.loads((FIXTURE / "xtuner_tokenized.json").read_text())
+    cases = {"dpo": (xt["rows"], {}), "reward": (xt["rows"], {"is_dpo": False, "is_reward": True}),
+             "polar": (xt["polar_rows"], {"is_dpo": False, "is_reward": True, "is_reference": True,
+                                          "max_response_length": xt["max_response_length"]})}
+    for kind, (rows, settings) in cases.items():
+        if kind != "dpo":
+            settings["reward_token_id"] = xt["reward_token_id"]
+        ds = build_preference_dataset(Dataset.from_list([json.loads(json.dumps(r)) for r in rows]), tokenizer,
+                                      xt["max_length"], use_cache=False, **settings)
+        for row, expected in zip(ds, xt[kind]):
+            c, r = row["num_tokens"]
+            assert row["input_ids"][:c] == expected["chosen_ids"], kind
+            assert row["input_ids"][c:] == expected["rejected_ids"], kind
+            trained = [label != IGNORE_INDEX for label in row["labels"]]
+            # XTuner marks the reward token with 0 / 1 and lmtune with its id: the same positions are trained
+            want = [label != IGNORE_INDEX for label in expected["chosen_labels"] + expected["rejected_labels"]]
+            want[0] = want[c] = False  # a sequence's first token is never predicted (XTuner's first is a prompt token)
+            assert trained == want, kind

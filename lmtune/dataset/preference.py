@@ -112,6 +112,55 @@ class PairEncoder:
                 "length": len(c_ids) + len(r_ids), "truncated": c_cut or r_cut, "status": status}
 
 
+class ReferencePairEncoder:
+    """XTuner's POLAR reward data (``is_reference=True``): rows of ``prompt``, ``reference``, ``chosen`` and
+    ``rejected`` (and optionally ``wrapper``: 'sft' or 'pretrain'). Each sequence is the prompt with the reference
+    answer, ``<|reward|>``, then the prompt with the candidate, as plain text (no chat template), scored at the
+    reward token appended to it; the candidate is judged against the reference. Answers beyond
+    ``max_response_length`` tokens are cut, and the prompt keeps its last tokens so that a sequence fits
+    ``max_length``."""
+
+    MARKER = "<|reward|>"
+
+    def __init__(self, tokenizer: Any, max_length: int, max_response_length: int, reward_token_id: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.max_response_length, self.reward_token_id = max_response_length, reward_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def __call__(self, row: dict) -> dict:
+        missing = [key for key in ("prompt", "reference", "chosen", "rejected") if row.get(key) is None]
+        if missing:
+            raise ConfigError(f"it has no {' / '.join(repr(k) for k in missing)} (fields {sorted(row)}); POLAR "
+                              "reward data (is_reference=True) needs prompt, reference, chosen and rejected")
+        texts = {key: "\n".join(str(m["content"]) for m in _messages(row[key], key, "assistant"))
+                 for key in ("prompt", "reference", "chosen", "rejected")}
+        if not texts["prompt"].strip():
+            raise ConfigError("its prompt is empty")
+        ids = {key: self._ids(text) for key, text in texts.items()}
+        cut = any(len(ids[k]) > self.max_response_length for k in ("reference", "chosen", "rejected"))
+        for key in ("reference", "chosen", "rejected"):
+            ids[key] = ids[key][: self.max_response_length]
+        room = self.max_length - 4  # the reward marker, two separators and the reward token
+        prompt_room = max(0, min(room - len(ids["reference"]) - len(ids[k]) for k in ("chosen", "rejected")) // 2)
+        if len(ids["prompt"]) > prompt_room:
+            cut, ids["prompt"] = True, ids["prompt"][len(ids["prompt"]) - prompt_room:]
+        plain = {key: self.tokenizer.decode(value, skip_special_tokens=True) for key, value in ids.items()}
+        pretrain = row.get("wrapper") == "pretrain"
+
+        def joined(answer: str) -> str:
+            return plain["prompt"] + answer if pretrain or not answer else plain["prompt"] + "\n" + answer
+
+        sequences = []
+        for key in ("chosen", "rejected"):
+            seq = self._ids(joined(plain["reference"]) + self.MARKER + joined(plain[key])) + [self.reward_token_id]
+            sequences.append((seq, [IGNORE_INDEX] * (len(seq) - 1) + [self.reward_token_id]))
+        (c_ids, c_labels), (r_ids, r_labels) = sequences
+        return {"input_ids": c_ids + r_ids, "labels": c_labels + r_labels, "num_tokens": [len(c_ids), len(r_ids)],
+                "length": len(c_ids) + len(r_ids), "truncated": cut, "status": SAME if c_ids == r_ids else OK}
+
+
 class PairProcessor:
     """The batched function of the first pass: row -> map function -> pair of sequences, with a status."""
 
@@ -187,12 +236,12 @@ def build_preference_dataset(
     through ``load_dataset('json', data_files=...)`` or ``load_jsonl_dataset``). ``dataset_map_fn`` turns a row into
     ``{'prompt', 'chosen', 'rejected'}``: message lists or strings, the prompt shared by both responses.
     ``is_dpo`` / ``is_reward``: a policy's pairs (responses trained) or a reward model's (a reward token
-    appended). ``use_varlen_attn``: pack whole pairs into rows of ``max_packed_length`` tokens (pairs longer than
-    that are dropped and counted). Sequences longer than ``max_length`` are cut; pairs with nothing left to train
-    and pairs whose responses are identical are dropped and counted; a malformed row stops with its number (or is
-    skipped and counted with ``skip_bad_rows=True``). ``num_proc``: processes for tokenizing. The result is cached
-    like SFT data (``use_cache``). ``max_response_length`` and ``is_reference`` are XTuner's POLAR settings,
-    which lmtune does not support.
+    appended); ``is_reference=True``: XTuner's POLAR reward data (``ReferencePairEncoder``, answers cut at
+    ``max_response_length`` tokens). ``use_varlen_attn``: pack whole pairs into rows of ``max_packed_length``
+    tokens (pairs longer than that are dropped and counted). Sequences longer than ``max_length`` are cut; pairs
+    with nothing left to train and pairs whose responses are identical are dropped and counted; a malformed row
+    stops with its number (or is skipped and counted with ``skip_bad_rows=True``). ``num_proc``: processes for
+    tokenizing. The result is cached like SFT data (``use_cache``).
     """
     if is_dpo == is_reward:
         raise ConfigError(f"train_dataset: exactly one of is_dpo and is_reward must be True (got is_dpo={is_dpo}, "
@@ -201,16 +250,18 @@ def build_preference_dataset(
                       or reward_token_id < 0):
         raise ConfigError("train_dataset.reward_token_id must be set (a token id the tokenizer has, for example an "
                           f"unused special token) when is_reward=True; got {reward_token_id!r}")
-    if is_reference:
-        raise ConfigError("train_dataset.is_reference=True (XTuner's POLAR reward data) is not supported by lmtune")
+    if is_reference and not is_reward:
+        raise ConfigError("train_dataset.is_reference=True (POLAR reward data) needs is_reward=True")
     max_length = _check_length("max_length", max_length)
     if use_varlen_attn:
         max_packed_length = _check_length("max_packed_length", max_packed_length)
     tok = build(tokenizer, key="tokenizer")
     source = describe_source(dataset)
     map_fn = as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
-    processor = PairProcessor(map_fn, PairEncoder(tok, max_length, is_reward, reward_token_id), source,
-                              skip_bad_rows)
+    encoder = (ReferencePairEncoder(tok, max_length, _check_length("max_response_length", max_response_length),
+                                    reward_token_id) if is_reference
+               else PairEncoder(tok, max_length, is_reward, reward_token_id))
+    processor = PairProcessor(map_fn, encoder, source, skip_bad_rows)
     return cache.prepared(
         dataset, use_cache, dataset_wait_timeout,
         lambda: _process(dataset, split, processor, source, max_length, use_varlen_attn, max_packed_length,
@@ -218,6 +269,7 @@ def build_preference_dataset(
         lambda stats: _log_stats(source, stats),
         kind="preference", split=split, tokenizer=cache.tokenizer_signature(tok), map_fn=map_fn,
         max_length=max_length, is_reward=is_reward, reward_token_id=reward_token_id,
+        reference=max_response_length if is_reference else None,
         pack=max_packed_length if use_varlen_attn else None, shuffle_before_pack=shuffle_before_pack,
         skip_bad_rows=skip_bad_rows, seed=seed)
 

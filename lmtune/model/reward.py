@@ -28,7 +28,8 @@ PENALTY_TYPES = ("log_barrier", "L2", "none")
 
 
 class RewardModel(SupervisedFinetune):
-    """A reward model from a causal LM (``llm``, with ``lora`` / quantization as in ``SupervisedFinetune``)."""
+    """A reward model from a causal LM or its decoder alone (``llm``: ``AutoModelForCausalLM`` or
+    ``AutoModel``; ``lora`` and quantization as in ``SupervisedFinetune``)."""
 
     def __init__(self, llm: Any, lora: Any = None, reward_token_id: int | None = None, loss_type: str = "ranking",
                  penalty_type: str = "log_barrier", penalty_weight: float = 0.01, **kwargs: Any) -> None:
@@ -45,14 +46,17 @@ class RewardModel(SupervisedFinetune):
 
     def final_hidden(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
         """The final hidden states (after the last norm) of every position."""
-        if self.loss_chunk_size and self._chunked_loss_ok is not False:
+        base = self._base_model()
+        has_head = isinstance(getattr(base, "get_output_embeddings", lambda: None)(), nn.Module)
+        if has_head and self.loss_chunk_size and self._chunked_loss_ok is not False:
             found = self._final_hidden(self.llm, input_ids, position_ids, attention_mask)
             if found is not None:
                 return found[0]
         out = self.llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                       use_cache=False, output_hidden_states=True,
+                       use_cache=False, output_hidden_states=has_head,
                        **self._attention_kwargs(position_ids, attention_mask))
-        return out.hidden_states[-1]
+        # a decoder without its LM head (AutoModel, as POLAR's configs load it) returns the states itself
+        return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
 
     def scores(self, input_ids, labels, position_ids=None, sequence_index=None, attention_mask=None) -> torch.Tensor:
         """The score of each sequence (shape (sequences,)), read at its labelled (reward) token."""
