@@ -154,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     formats = sub.add_parser("list-dataset-format", help="list the dataset formats (map functions)")
     formats.set_defaults(func=_list_dataset_format)
 
-    from lmtune.tools import cfg_tools, chat, check, convert, plot
+    from lmtune.tools import cfg_tools, chat, check, convert, plot, score
 
     convert.add_parser(sub)
     chat.add_parser(sub)
+    score.add_parser(sub)
     cfg_tools.add_parser(sub)  # list-cfg, copy-cfg
     check.add_parser(sub)
     plot.add_parser(sub)

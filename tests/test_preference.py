@@ -308,3 +308,57 @@ def test_pairs_are_tokenized_as_xtuner_tokenizes_them(tmp_path, tokenizer):
             want = [label != IGNORE_INDEX for label in expected["chosen_labels"] + expected["rejected_labels"]]
             want[0] = want[c] = False  # a sequence's first token is never predicted (XTuner's first is a prompt token)
             assert trained == want, kind
+
+
+def test_a_reward_model_exports_as_sequence_classification_and_scores_from_the_cli(tmp_path, capsys):
+    from lmtune.cli import main
+    from lmtune.dataset.preference import reward_sequence
+    from lmtune.tools.score import load_reward_model, score
+
+    runner, rows = preference_run(tmp_path, "rm", "RewardModel", max_iters=2, **{
+        "train_dataloader.dataset.is_dpo": False, "train_dataloader.dataset.is_reward": True,
+        "train_dataloader.dataset.reward_token_id": 5, "model.penalty_type": "L2"})
+    assert rows[-1]["rewards/accuracies"] >= 0 and "rewards/margins" in rows[-1]
+    trained_model = runner.model
+    assert float(trained_model.v_head.weight.detach().abs().sum()) > 0  # the head (zero at the start) trained
+    out = tmp_path / "hf_rm"
+    checkpoint = tmp_path / "rm" / "iter_2"  # its config.py is the run's effective config
+    assert main(["convert", "pth_to_hf", str(checkpoint / "config.py"), str(checkpoint), str(out)]) == 0
+    model, tokenizer, token = load_reward_model(str(out))
+    assert type(model).__name__ == "LlamaForSequenceClassification" and token == 5
+    conversation = [{"role": "user", "content": "is the sky blue"}, {"role": "assistant", "content": "it is"}]
+    ids = torch.tensor([reward_sequence(tokenizer, conversation, token)])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -1] = token
+    with torch.no_grad():
+        expected = float(trained_model.scores(ids, labels)[0])
+    assert score(model, tokenizer, conversation, token) == pytest.approx(expected, abs=1e-5)
+    data = write_pairs(tmp_path / "score.jsonl", [{"messages": conversation}, conv("is it", "yes", "no")])
+    capsys.readouterr()
+    assert main(["score", str(out), data]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["score"] == pytest.approx(expected, abs=1e-5) and lines[1]["preferred"] in ("chosen", "rejected")
+    bad = write_pairs(tmp_path / "bad.jsonl", [{"text": "no messages"}])
+    assert main(["score", str(out), bad]) == 2
+    assert "bad.jsonl: line 1: fields ['text']" in capsys.readouterr().err
+
+
+def test_check_and_check_dataset_know_preference_configs(tmp_path, capsys):
+    from lmtune.cli import main
+
+    data = write_pairs(tmp_path / "mix.jsonl", mix_rows(4) + [{"chosen": [{"role": "user", "content": "x"}]}])
+    cfg = tmp_path / "dpo.py"
+    cfg.write_text(PREFERENCE_CONFIG.format(path=str(FIXTURE / "policy"), data=data, model="DPO"))
+    capsys.readouterr()
+    assert main(["check-dataset", str(cfg)]) == 1  # one malformed row
+    text = capsys.readouterr().out
+    assert "[chosen: " in text and "[rejected: " in text and "trained part between >>> and <<<" in text
+    assert ">>>" in text.split("[rejected: ")[1] and "[problem] dataset_map_fn failed on row 4" in text
+    write_pairs(tmp_path / "mix.jsonl", mix_rows(4))
+    assert main(["check", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "4 pairs kept of 4 rows" in text and "[rejected]" in text
+    assert "reference: a frozen copy of the model as it starts" in text
+    assert "(without a resident reference, as with LoRA:" in text and "batch 4 x 96 tokens" in text
+    assert main(["check", str(cfg), "--cfg-options", "model.type=lmtune.model.ORPO"]) == 0
+    assert "ORPO (beta default), no reference model" in capsys.readouterr().out

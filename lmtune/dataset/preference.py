@@ -33,6 +33,8 @@ from lmtune.dataset.stages import BAD, NO_TARGET, OK, as_function, describe_sour
 logger = logging.getLogger("lmtune")
 
 SAME = 4  # a pair whose chosen and rejected responses are the same: nothing to learn from it
+PAIR_STATUS = {OK: "ok", SAME: "dropped: chosen and rejected identical",
+               NO_TARGET: "dropped: nothing to train after truncation", BAD: "malformed"}
 ROLES = ("system", "user", "assistant", "tool", "function")
 
 
@@ -110,6 +112,19 @@ class PairEncoder:
             status = SAME
         return {"input_ids": c_ids + r_ids, "labels": c_labels + r_labels, "num_tokens": [len(c_ids), len(r_ids)],
                 "length": len(c_ids) + len(r_ids), "truncated": c_cut or r_cut, "status": status}
+
+
+def reward_sequence(tokenizer: Any, messages: list[dict], reward_token_id: int, max_length: int = 1 << 30
+                    ) -> list[int]:
+    """The token ids a reward model trained on ``build_preference_dataset(is_reward=True)`` scores for a
+    conversation: its last message is the response, tokenized after the prompt exactly as in training, then the
+    reward token."""
+    messages = _messages(messages, "messages", "user")
+    if len(messages) < 2:
+        raise ConfigError("a conversation to score needs a prompt and a response (at least two messages)")
+    encoder = PairEncoder(tokenizer, max_length, is_reward=True, reward_token_id=reward_token_id)
+    prompt_text = encoder._render(messages[:-1], True)
+    return encoder._sequence(messages[:-1], prompt_text, encoder._ids(prompt_text), messages[-1:], "response")[0]
 
 
 class ReferencePairEncoder:
@@ -191,6 +206,17 @@ class PairProcessor:
                                                              "truncated", "status")}
 
 
+def pair_processor(tokenizer: Any, max_length: int, dataset_map_fn: Any = None, is_reward: bool = False,
+                   reward_token_id: int = -1, is_reference: bool = False, max_response_length: int = 4096,
+                   source: str = "the dataset", skip_bad_rows: bool = False) -> PairProcessor:
+    """The ``PairProcessor`` of a ``build_preference_dataset`` config's settings (``tokenizer`` built)."""
+    map_fn = as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
+    encoder = (ReferencePairEncoder(tokenizer, max_length, _check_length("max_response_length", max_response_length),
+                                    reward_token_id) if is_reference
+               else PairEncoder(tokenizer, max_length, is_reward, reward_token_id))
+    return PairProcessor(map_fn, encoder, source, skip_bad_rows)
+
+
 def pack_pairs(batch: dict, max_packed_length: int) -> dict:
     """A ``datasets.map(batched=True)`` function putting whole pairs into rows of at most ``max_packed_length``
     tokens (best-fit decreasing); each row lists its sequences' lengths in ``num_tokens``."""
@@ -257,11 +283,9 @@ def build_preference_dataset(
         max_packed_length = _check_length("max_packed_length", max_packed_length)
     tok = build(tokenizer, key="tokenizer")
     source = describe_source(dataset)
-    map_fn = as_function(dataset_map_fn, "train_dataset.dataset_map_fn")
-    encoder = (ReferencePairEncoder(tok, max_length, _check_length("max_response_length", max_response_length),
-                                    reward_token_id) if is_reference
-               else PairEncoder(tok, max_length, is_reward, reward_token_id))
-    processor = PairProcessor(map_fn, encoder, source, skip_bad_rows)
+    processor = pair_processor(tok, max_length, dataset_map_fn, is_reward, reward_token_id, is_reference,
+                               max_response_length, source, skip_bad_rows)
+    map_fn = processor.map_fn
     return cache.prepared(
         dataset, use_cache, dataset_wait_timeout,
         lambda: _process(dataset, split, processor, source, max_length, use_varlen_attn, max_packed_length,
@@ -416,5 +440,6 @@ def intel_orca_dpo_map_fn(example: dict) -> dict:
             "rejected": [{"role": "assistant", "content": example["rejected"]}]}
 
 
-__all__ = ["PairEncoder", "build_preference_dataset", "intel_orca_dpo_map_fn", "load_jsonl_dataset",
-           "orpo_dpo_mix_40k_map_fn", "pack_pairs", "preference_collate_fn"]
+__all__ = ["PAIR_STATUS", "PairEncoder", "PairProcessor", "ReferencePairEncoder", "build_preference_dataset",
+           "intel_orca_dpo_map_fn", "load_jsonl_dataset", "orpo_dpo_mix_40k_map_fn", "pack_pairs", "pair_processor",
+           "preference_collate_fn", "reward_sequence"]

@@ -44,6 +44,33 @@ class RewardModel(SupervisedFinetune):
         self.v_head = nn.Linear(hidden, 1, bias=False, device=self.llm.get_input_embeddings().weight.device)
         nn.init.zeros_(self.v_head.weight)
 
+    def sequence_classifier(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The trained model as transformers' ``*ForSequenceClassification`` (``num_labels=1``; LoRA merged): its
+        decoder's weights, and the head as its ``score`` layer. It scores the last non-pad token of its input."""
+        import copy
+
+        from transformers import AutoModelForSequenceClassification
+
+        llm = self.llm.merge_and_unload() if self.use_lora else self.llm
+        causal = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        config = copy.deepcopy(causal.config)
+        config.num_labels, config.reward_token_id = 1, self.reward_token_id
+        config.architectures = None
+        try:
+            classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype or torch.float32)
+        except ValueError as exc:
+            raise ConfigError(f"transformers has no sequence-classification class for {type(causal).__name__}: "
+                              f"the reward model cannot be exported in that format ({exc})") from None
+        decoder = getattr(causal, getattr(causal, "base_model_prefix", "model"), causal)
+        target = getattr(classifier, classifier.base_model_prefix)
+        missing, unexpected = target.load_state_dict(decoder.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"the decoder of {type(causal).__name__} does not fit {type(classifier).__name__}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            classifier.score.weight.copy_(self.v_head.weight.to(classifier.score.weight.dtype))
+        return classifier.to(dtype) if dtype is not None else classifier
+
     def final_hidden(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
         """The final hidden states (after the last norm) of every position."""
         base = self._base_model()

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from lmtune.config import Config, ConfigError, build, is_type_dict
 from lmtune.config.build import resolve_callable
 from lmtune.dataset.huggingface import process_hf_dataset
+from lmtune.dataset.preference import PAIR_STATUS, PairProcessor, build_preference_dataset, pair_processor
 from lmtune.dataset.stages import BAD, OK, STATUS_NAMES, as_function, describe_source, row_processor, train_split
 from lmtune.engine.hooks.chat import DatasetInfoHook
 
@@ -61,6 +62,9 @@ def check_dataset(cfg: Config, out: TextIO, rows_to_show: int = 2, max_problems:
     problems = 0
     for n, ds_cfg in enumerate(dataset_configs(cfg)):
         fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
+        if fn is build_preference_dataset:
+            problems += check_pairs(n, ds_cfg, out, rows_to_show, max_problems)
+            continue
         if fn is not process_hf_dataset:
             out.write(f"[dataset {n}] {getattr(fn, '__name__', fn)} is not process_hf_dataset; skipped\n")
             continue
@@ -117,6 +121,48 @@ def check_dataset(cfg: Config, out: TextIO, rows_to_show: int = 2, max_problems:
             out.write(f"[packed row 0] {len(row['input_ids'])} tokens, samples of {row['num_tokens']}\n")
         out.write(f"OK: {len(processed)} training rows\n")
     return problems
+
+
+def check_pairs(n: int, ds_cfg: dict, out: TextIO, rows_to_show: int, max_problems: int) -> int:
+    """``check_dataset`` for preference data: each shown pair's chosen and rejected sequence with its trained
+    part marked, every malformed row, the counts of the whole dataset; returns the malformed rows."""
+    source = describe_source(ds_cfg["dataset"])
+    raw = train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
+    out.write(f"== dataset {n} (preference pairs): {len(raw)} rows, fields {raw.column_names}\n")
+    tokenizer = build(ds_cfg["tokenizer"], key="tokenizer")
+    processor = pair_processor(tokenizer, ds_cfg.get("max_length"), ds_cfg.get("dataset_map_fn"),
+                               ds_cfg.get("is_reward", False), ds_cfg.get("reward_token_id", -1),
+                               ds_cfg.get("is_reference", False), ds_cfg.get("max_response_length", 4096), source,
+                               skip_bad_rows=True)
+    map_fn = processor.map_fn
+    out.write(f"dataset_map_fn: {getattr(map_fn, '__name__', map_fn) if map_fn else 'none (rows are pairs)'}\n")
+    bad = 0
+    for index in range(len(raw)):
+        shown = index < rows_to_show
+        if shown:
+            out.write(f"-- row {index}\n[raw] {_short(raw[index])}\n")
+        try:
+            pair = PairProcessor(map_fn, processor.encoder, source, skip_bad_rows=False).encode(raw[index], index)
+        except ConfigError as exc:
+            bad += 1
+            if bad <= max_problems:
+                out.write(f"[problem] {exc}\n")
+            continue
+        if not shown:
+            continue
+        chosen, rejected = pair["num_tokens"]
+        for name, start, length in (("chosen", 0, chosen), ("rejected", chosen, rejected)):
+            part = {k: pair[k][start:start + length] for k in ("input_ids", "labels")}
+            out.write(f"[{name}: {length} tokens, trained part between >>> and <<<]\n"
+                      + mark_trained(tokenizer, part) + "\n")
+        if pair["status"] != OK or pair["truncated"]:
+            out.write(f"[{'truncated to max_length' if pair['status'] == OK else PAIR_STATUS[pair['status']]}]\n")
+    if bad:
+        out.write(f"{bad} malformed rows (set skip_bad_rows=True to skip them)\n")
+        return bad
+    processed = build_preference_dataset(**{**ds_cfg, "use_cache": False})
+    out.write(f"OK: {len(processed)} training rows\n")
+    return 0
 
 
 def mark_trained(tokenizer, encoded: dict) -> str:

@@ -7,6 +7,7 @@ adapter into its (unquantized) base model and saves the result.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -108,6 +109,8 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     from safetensors.torch import load_file
 
     from lmtune.configs import load_config
+    from lmtune.model.preference import PreferenceModel
+    from lmtune.model.reward import RewardModel
     from lmtune.model.sft import SupervisedFinetune
 
     ckpt_dir = _check_checkpoint(checkpoint)
@@ -119,7 +122,7 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     if "model" not in cfg or not isinstance(cfg.model, dict):
         raise ConfigError(f"config {config} has no model=dict(...) to rebuild the trained model from")
     model_cfg = dict(cfg.model)
-    model_cfg.pop("type", None)
+    model_type = _model_class(model_cfg.pop("type", None))
     model_cfg["use_activation_checkpointing"] = False
     model_cfg["llm"] = _loadable_on_this_device(model_cfg.get("llm"))
     # full fine-tuning: the checkpoint holds every weight, so the base weights are never read
@@ -128,14 +131,33 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     if skeleton is not None:
         model_cfg["llm"] = skeleton
         model_cfg.pop("max_position_embeddings", None)
+    if model_type is not None and issubclass(model_type, PreferenceModel):
+        # a preference-trained policy is exported as the LM it is: its objective's settings (beta, loss type,
+        # reference model) do not enter the export
+        kept = set(inspect.signature(SupervisedFinetune.__init__).parameters)
+        model_cfg = {k: v for k, v in model_cfg.items() if k in kept}
+    cls = RewardModel if model_type is not None and issubclass(model_type, RewardModel) else SupervisedFinetune
     try:
-        model = SupervisedFinetune(**model_cfg)
+        model = cls(**model_cfg)
     except TypeError as exc:
-        raise ConfigError(f"model settings of {config} do not fit SupervisedFinetune: {exc}") from exc
+        raise ConfigError(f"model settings of {config} do not fit {cls.__name__}: {exc}") from exc
     model.load_trainable_state_dict(load_file(str(ckpt_dir / "model.safetensors")), assign=skeleton is not None)
+    if cls is RewardModel and model.reward_token_id is None:  # XTuner's configs give it to the dataset only
+        dataset = dict(dict(cfg.get("train_dataloader") or {}).get("dataset") or {})
+        model.reward_token_id = dataset.get("reward_token_id", cfg.get("reward_token_id"))
     return export_model(model, cfg, Path(config).read_text(encoding="utf-8"), save_dir, fp32=fp32,
                         max_shard_size=max_shard_size, safe_serialization=safe_serialization,
                         checkpoint=ckpt_dir)
+
+
+def _model_class(kind: Any) -> type | None:
+    """The model class a config's ``model.type`` names (a class or its dotted path), or None."""
+    from lmtune.config.build import resolve_callable
+
+    if kind is None:
+        return None
+    found = resolve_callable(kind, "model.type") if isinstance(kind, str) else kind
+    return found if isinstance(found, type) else None
 
 
 def _loadable_on_this_device(llm_cfg: Any) -> Any:
@@ -205,7 +227,15 @@ def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.Path
     model_cfg = dict(cfg.model)
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    if model.use_lora:
+    if hasattr(model, "v_head"):  # a reward model: a standard sequence-classification model, adapters merged
+        llm_cfg = model_cfg.get("llm")
+        dtype = torch.float32 if fp32 else (as_dtype(llm_cfg.get("dtype", llm_cfg.get("torch_dtype")))
+                                            if isinstance(llm_cfg, dict) and llm_cfg.get(
+                                                "dtype", llm_cfg.get("torch_dtype")) not in (None, "auto") else None)
+        _save_model(model.sequence_classifier(dtype), save_dir, safe_serialization, max_shard_size=max_shard_size)
+        _save_tokenizer(_base_model_path(cfg) or "", save_dir, cfg.get("tokenizer") or model_cfg.get("tokenizer"),
+                        trust_remote_code=isinstance(llm_cfg, dict) and bool(llm_cfg.get("trust_remote_code")))
+    elif model.use_lora:
         model.llm.save_pretrained(str(save_dir), safe_serialization=safe_serialization)
     else:
         llm = model.llm
@@ -227,7 +257,10 @@ def export_model(model: Any, cfg: Any, config_text: str, save_dir: str | os.Path
     (save_dir / CONFIG_COPY).write_text(config_text, encoding="utf-8")
     info: dict[str, Any] = {"base_model": _base_model_path(cfg),
                             "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-                            "lora": bool(model.use_lora)}
+                            "lora": bool(model.use_lora) and not hasattr(model, "v_head")}
+    if hasattr(model, "v_head"):
+        info["reward_model"] = True
+        info["reward_token_id"] = model.reward_token_id
     llm_cfg = model_cfg.get("llm")
     if isinstance(llm_cfg, dict) and llm_cfg.get("trust_remote_code"):
         info["trust_remote_code"] = True  # the training config asked to run the base model's own code

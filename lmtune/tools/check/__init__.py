@@ -136,6 +136,9 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
             report.problems.append(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding table only "
                                    f"{facts.vocab:,}: ids past it crash the training; pass tokenizer=... to the "
                                    "model so that it resizes its embeddings")
+    objective = preference_objective(model_cfg)
+    if objective:
+        w.line(objective[0])
     if use_varlen and batch > 1:
         report.problems.append(f"use_varlen_attn=True needs train_dataloader.batch_size=1 (it is {batch}): the "
                                "variable-length attention arguments describe one packed row")
@@ -149,10 +152,20 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
     if facts is not None and max_length:
         states, state_bytes, opt_name = _optimizer_states(cfg)
         mixed = step.mixed_precision
+        rows_of, tokens_of = batch, max_length
+        pairs_cfg = next((d for d in ds_cfgs if _is_preference_data(d)), None)
+        if pairs_cfg is not None:  # a pair is two sequences; packed rows hold max_packed_length tokens
+            if pairs_cfg.get("use_varlen_attn"):
+                tokens_of = int(pairs_cfg.get("max_packed_length", 16384))
+            else:
+                rows_of = 2 * batch
         mem = report.memory = estimate_memory(
-            facts, engine, batch, max_length, mixed_precision=mixed, weight_bytes=_weight_bytes(cfg, facts),
+            facts, engine, rows_of, tokens_of, mixed_precision=mixed, weight_bytes=_weight_bytes(cfg, facts),
             optimizer_states=states, state_bytes=state_bytes, checkpointing=checkpointing)
-        w.section(f"memory per device (estimate; batch {batch} x {max_length} tokens, {engine.name}"
+        if objective and objective[1]:  # a resident reference model: frozen weights as loaded, sharded with ZeRO-3
+            mem.reference = facts.total_params * _weight_bytes(cfg, facts) / (
+                engine.nproc if engine.zero_stage >= 3 and engine.nproc > 1 else 1)
+        w.section(f"memory per device (estimate; batch {rows_of} x {tokens_of} tokens, {engine.name}"
                   + (f", {engine.nproc} devices)" if engine.nproc > 1 else ")"))
         sharded = {1: "optimizer states sharded", 2: "gradients and optimizer states sharded",
                    3: "weights, gradients and optimizer states sharded"}.get(engine.zero_stage if engine.nproc > 1
@@ -167,6 +180,11 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         w.line(f"activations   {human_bytes(mem.activations_checkpointed):>12}  with activation checkpointing; "
                f"{human_bytes(mem.activations)} without")
         w.line(f"logits        {human_bytes(mem.logits):>12}  (upper bound)")
+        if objective:
+            w.line(f"reference     {human_bytes(mem.reference):>12}  ({objective[2]})")
+            if mem.reference:
+                w.line(f"              (without a resident reference, as with LoRA: "
+                       f"{human_bytes(mem.total() - mem.reference)} in total)")
         w.line(f"total         {human_bytes(mem.total()):>12}  (activation checkpointing "
                f"{'on' if checkpointing else 'off'}, as configured); {human_bytes(mem.total(not checkpointing))} "
                f"with it {'off' if checkpointing else 'on'}")
@@ -223,6 +241,41 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         w.line(f"- {problem}")
     w.line(f"{len(report.problems)} problem(s)" if report.problems else "OK: no problems found")
     return report
+
+
+def _is_preference_data(ds_cfg: dict) -> bool:
+    from lmtune.dataset.preference import build_preference_dataset
+
+    kind = ds_cfg.get("type")
+    return kind is build_preference_dataset or str(kind).endswith("build_preference_dataset")
+
+
+def preference_objective(model_cfg: dict) -> tuple[str, bool, str] | None:
+    """For preference and reward models: (a line naming the objective, whether a reference model is resident, what
+    the reference is); None for supervised fine-tuning."""
+    from lmtune.model.preference import DPO, PreferenceModel
+    from lmtune.model.reward import RewardModel
+
+    kind = model_cfg.get("type")
+    if not isinstance(kind, type) or not issubclass(kind, (PreferenceModel, RewardModel)):
+        return None
+    lora = model_cfg.get("lora") is not None or model_cfg.get("peft_model") is not None
+    if issubclass(kind, RewardModel):
+        return (f"objective: reward model ({model_cfg.get('loss_type', 'ranking')} loss, penalty "
+                f"{model_cfg.get('penalty_type', 'log_barrier')}), scored at the reward token", False,
+                "none: a reward model has no reference")
+    if not issubclass(kind, DPO):
+        return f"objective: {kind.__name__} (beta {model_cfg.get('beta', 'default')}), no reference model", False, \
+            "none: reference-free"
+    if model_cfg.get("ref_llm") is not None:
+        ref, resident = "ref_llm, a frozen model of its own", True
+    elif lora:
+        ref, resident = "the base model with the adapters disabled: no second copy", False
+    else:
+        ref, resident = "a frozen copy of the model as it starts", True
+    line = (f"objective: DPO ({model_cfg.get('loss_type', 'sigmoid')} loss, beta {model_cfg.get('beta', 0.1)}); "
+            f"reference: {ref}")
+    return line, resident, ref + ("" if resident else "; 0 resident")
 
 
 def run_check(cfg: Any, out: TextIO, nproc: int = 1, deepspeed: str | None = None, **kwargs: Any) -> list[str]:

@@ -94,6 +94,7 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
           vocab: int | None) -> tuple[float | None, bool]:
     """Process the first ``rows`` rows of each dataset; the estimated number of training rows."""
     from lmtune.dataset.huggingface import process_hf_dataset
+    from lmtune.dataset.preference import build_preference_dataset
     from lmtune.dataset.stages import describe_source, train_split
     from lmtune.engine.hooks.chat import DatasetInfoHook
 
@@ -102,6 +103,11 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
     for n, ds_cfg in enumerate(ds_cfgs):
         ds_cfg = dict(ds_cfg)
         fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
+        if fn is build_preference_dataset:
+            est = _pairs(report, w, n, ds_cfg, rows, vocab)
+            total_est = None if est is None or total_est is None else total_est + est[0]
+            exact = exact and est is not None and est[1]
+            continue
         if fn is not process_hf_dataset:
             report.notes.append(f"dataset {n} is built by {getattr(fn, '__name__', fn)}, not process_hf_dataset: "
                                 "not sampled, so the number of steps is not estimated")
@@ -166,3 +172,51 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
         if total_est is not None:
             total_est += est
     return total_est, exact
+
+
+def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, rows: int, vocab: int | None
+           ) -> tuple[float, bool] | None:
+    """``_data`` for preference pairs: the first ``rows`` rows as training makes them; (estimated training rows,
+    exact), or None when they cannot be made."""
+    from lmtune.dataset.preference import build_preference_dataset
+    from lmtune.dataset.stages import describe_source, train_split
+    from lmtune.engine.hooks.chat import DatasetInfoHook
+
+    source = describe_source(ds_cfg.get("dataset"))
+    try:
+        raw = train_split(build(ds_cfg["dataset"], key="train_dataset.dataset"), ds_cfg.get("split", "train"))
+        taken = min(rows, len(raw))
+        common = {**ds_cfg, "dataset": raw.select(range(taken)), "use_cache": False, "split": "train"}
+        pairs = build_preference_dataset(**{**common, "use_varlen_attn": False})
+    except ConfigError as exc:
+        report.problems.append(f"dataset {source}: {exc}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - a missing file or hub dataset: reported as a problem
+        report.problems.append(f"dataset {source} cannot be loaded: {type(exc).__name__}: {exc}")
+        return None
+    where = "the whole dataset" if taken == len(raw) else f"the first {taken:,} of {len(raw):,} rows"
+    w.line(f"dataset {n}: {source}: {where} processed (preference pairs)")
+    lengths = [int(x) for x in pairs["length"]]
+    w.line(f"  {len(lengths):,} pairs kept of {taken:,} rows; mean {sum(lengths) / max(len(lengths), 1):.1f} tokens "
+           f"a pair (chosen + rejected), longest {max(lengths, default=0):,}")
+    biggest = max((max(ids, default=-1) for ids in pairs["input_ids"]), default=-1)
+    if vocab is not None and biggest >= vocab:
+        report.problems.append(f"dataset {source}: token id {biggest} is outside the model's embedding table "
+                               f"({vocab} rows): use the model's own tokenizer")
+    if n == 0 and len(pairs):
+        row = pairs[0]
+        chosen = row["num_tokens"][0]
+        tok = build(ds_cfg["tokenizer"], key="tokenizer")
+        report.sample_text = (tok.decode(row["input_ids"][:chosen]) + "\n[rejected]\n"
+                              + tok.decode(row["input_ids"][chosen:]))
+        report.sample_trained = (DatasetInfoHook.render_labels(tok, row["labels"][:chosen]) + "\n[rejected]\n"
+                                 + DatasetInfoHook.render_labels(tok, row["labels"][chosen:]))
+    est, exact = float(len(pairs)) * len(raw) / max(taken, 1), taken == len(raw)
+    if ds_cfg.get("use_varlen_attn") and len(pairs):
+        packed = build_preference_dataset(**{**common, "use_varlen_attn": True})
+        est = len(packed) * len(raw) / max(taken, 1)
+        w.line(f"  packed into {len(packed):,} row(s) of up to {ds_cfg.get('max_packed_length', 16384)} tokens")
+    if not exact:
+        w.line(f"  the whole dataset (~{len(raw):,} rows) makes ~{est:,.0f} training rows (estimate)")
+    return est, exact
+

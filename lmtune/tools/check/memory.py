@@ -29,7 +29,11 @@ dropout adds ``(a + 1) x in_features`` per adapted linear (the dropped copy and 
 activation checkpointing a layer keeps only its input (``a x h`` per token) and one layer at a
 time is recomputed in the backward pass. Logits: ``T x vocab x (a + 8)`` bytes (the 16-bit logits,
 their fp32 copy and the fp32 log-probabilities the loss keeps); an upper bound, since lmtune only
-computes logits where a token is trained. Not counted: the CUDA context and kernels' workspaces
+computes logits where a token is trained. Preference training: a pair is two sequences (a batch of pairs is
+2 x batch rows of max_length tokens, or packed rows of max_packed_length), and a DPO reference that is a model
+of its own (full fine-tuning) adds its frozen weights, in the dtype they are loaded in (sharded like the weights
+under ZeRO-3 / FSDP2); with LoRA the reference is the base model with its adapters disabled (nothing more), and
+its forward pass keeps no activations. Not counted: the CUDA context and kernels' workspaces
 (about 0.5-1 GiB) and allocator fragmentation.
 """
 
@@ -66,12 +70,13 @@ class MemoryEstimate:
     logits: float
     checkpointing: bool  # as configured
     cpu: float = 0.0
+    reference: float = 0.0  # a resident reference model of preference training (DPO without LoRA)
     detail: dict = field(default_factory=dict)
 
     def total(self, checkpointing: bool | None = None) -> float:
         ckpt = self.checkpointing if checkpointing is None else checkpointing
         acts = self.activations_checkpointed if ckpt else self.activations
-        return self.weights + self.gradients + self.optimizer + acts + self.logits
+        return self.weights + self.gradients + self.optimizer + acts + self.logits + self.reference
 
 
 def human_bytes(n: float) -> str:
