@@ -110,7 +110,9 @@ def _process(dataset, split, processor, source, max_length, max_dataset_length, 
         dataset = dataset.rename_column(old, new)
 
     if processor is not None:
-        dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True,
+        # never datasets' own cache of map results: it is keyed by the processor's state, not lmtune's code, so
+        # a changed lmtune would read rows made by the old one (lmtune's cache is keyed by its version)
+        dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True, load_from_cache_file=False,
                               remove_columns=dataset.column_names, num_proc=map_num_proc,
                               desc="Tokenizing")
         status, truncated = _column(dataset, "status"), _column(dataset, "truncated")

@@ -7,8 +7,8 @@
 Each response is rendered with the tokenizer's chat template after the shared prompt: the prompt is the
 template's generation prompt (tokenized on its own, as the model sees it at inference), the response is the
 rest of the rendered conversation, and only the response carries labels. A row lists the lengths of its
-sequences in ``num_tokens``, chosen and rejected alternating, so the collate function restarts position ids at
-each one and every sequence attends only to itself, packed or not.
+sequences in ``num_tokens``, chosen and rejected alternating (and its number of ``pairs``), so the collate
+function restarts position ids at each one and every sequence attends only to itself, packed or not.
 
 A reward model (``is_reward=True``) sees each sequence with ``reward_token_id`` appended; its score is read at
 that token, which alone carries a label.
@@ -35,7 +35,7 @@ logger = logging.getLogger("lmtune")
 SAME = 4  # a pair whose chosen and rejected responses are the same: nothing to learn from it
 PAIR_STATUS = {OK: "ok", SAME: "dropped: chosen and rejected identical",
                NO_TARGET: "dropped: nothing to train after truncation", BAD: "malformed"}
-ROLES = ("system", "user", "assistant", "tool", "function")
+PAIR_FORMAT = "preference pairs 1"  # in the cache key: a change to the rows' format re-processes cached data
 
 
 def _messages(value: Any, key: str, role: str) -> list[dict]:
@@ -202,8 +202,10 @@ class PairProcessor:
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         names = list(batch)
         rows = [self.encode({name: batch[name][k] for name in names}, index) for k, index in enumerate(indices)]
-        return {key: [row[key] for row in rows] for key in ("input_ids", "labels", "num_tokens", "length",
-                                                             "truncated", "status")}
+        out = {key: [row[key] for row in rows] for key in ("input_ids", "labels", "num_tokens", "length",
+                                                            "truncated", "status")}
+        out["pairs"] = [1] * len(rows)  # the pairs of a row: more once packed
+        return out
 
 
 def pair_processor(tokenizer: Any, max_length: int, dataset_map_fn: Any = None, is_reward: bool = False,
@@ -220,13 +222,14 @@ def pair_processor(tokenizer: Any, max_length: int, dataset_map_fn: Any = None, 
 def pack_pairs(batch: dict, max_packed_length: int) -> dict:
     """A ``datasets.map(batched=True)`` function putting whole pairs into rows of at most ``max_packed_length``
     tokens (best-fit decreasing); each row lists its sequences' lengths in ``num_tokens``."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "length": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "length": [], "pairs": []}
     for members in best_fit_bins(list(batch["length"]), max_packed_length):
         members.sort()
         out["input_ids"].append([i for m in members for i in batch["input_ids"][m]])
         out["labels"].append([label for m in members for label in batch["labels"][m]])
         out["num_tokens"].append([n for m in members for n in batch["num_tokens"][m]])
         out["length"].append(sum(batch["length"][m] for m in members))
+        out["pairs"].append(len(members))
     return out
 
 
@@ -291,7 +294,7 @@ def build_preference_dataset(
         lambda: _process(dataset, split, processor, source, max_length, use_varlen_attn, max_packed_length,
                          shuffle_before_pack, num_proc, seed),
         lambda stats: _log_stats(source, stats),
-        kind="preference", split=split, tokenizer=cache.tokenizer_signature(tok), map_fn=map_fn,
+        kind=PAIR_FORMAT, split=split, tokenizer=cache.tokenizer_signature(tok), map_fn=map_fn,
         max_length=max_length, is_reward=is_reward, reward_token_id=reward_token_id,
         reference=max_response_length if is_reference else None,
         pack=max_packed_length if use_varlen_attn else None, shuffle_before_pack=shuffle_before_pack,
@@ -304,7 +307,8 @@ def _process(dataset, split, processor, source, max_length, pack, max_packed_len
 
     dataset = train_split(build(dataset, key="train_dataset.dataset"), split)
     stats: dict[str, Any] = {"rows": len(dataset), "max_length": max_length}
-    dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True,
+    # never datasets' own cache of map results: it is keyed by the processor's state, not lmtune's code
+    dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True, load_from_cache_file=False,
                           remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing pairs")
     status = np.asarray(dataset["status"])
     stats.update(bad=int((status == BAD).sum()), same=int((status == SAME).sum()),

@@ -43,6 +43,10 @@ class DatasetInfoHook(Hook):
         sample = lengths[0]
         where = (f"sample 1 of the {len(lengths)} packed into the first row ({sample} of its {len(ids)} tokens)"
                  if len(lengths) > 1 else f"the first row ({len(ids)} tokens)")
+        if "pairs" in row:  # preference data: the first pair, both sequences (chosen first)
+            sample = lengths[0] + lengths[1]
+            where = (f"the first pair of the {row['pairs']} in the first row: chosen ({lengths[0]} tokens), then "
+                     f"rejected ({lengths[1]})")
         runner.logger.info(f"Num train rows: {len(dataset)}")
         runner.logger.info(f"[{where}, input]\n" + self._head(tokenizer.decode(ids[:sample])))
         runner.logger.info(f"[{where}, trained tokens]\n"
