@@ -452,3 +452,40 @@ def test_half_precision_config_trains_as_written(tmp_path, tiny_models, data_dir
 
     layers = [m for m in runner.unwrapped_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)
+
+
+# the preference configs of the library: (architecture, template) of their model
+PREFERENCE = {"qwen2_5_7b_instruct_dpo_qlora_ultrafeedback_e1": ("qwen2", "qwen2_5_chat"),
+              "llama3_1_8b_instruct_orpo_qlora_ultrafeedback_e1": ("llama", "llama3_chat")}
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE))
+def test_preference_configs_train_on_a_tiny_model_of_their_architecture(name, tmp_path, tiny_models):
+    from datasets import load_dataset
+
+    from lmtune.engine.runner import Runner
+
+    assert name in BUILTIN
+    arch, template = PREFERENCE[name]
+    data = tmp_path / "pairs.jsonl"
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    rows = [{"chosen": prompt + [{"role": "assistant", "content": "Paris." * (1 + k % 3)}],
+             "rejected": prompt + [{"role": "assistant", "content": "London, I think."}]} for k in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = tiny_run_overrides(tiny_models(arch, template), {})
+    # the real models' tokenizers have a chat template, which renders the pairs; the tiny ones get a simple one
+    overrides["tokenizer.chat_template"] = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    overrides.update({"train_dataloader.dataset.dataset": dict(type=load_dataset, path="json", data_files=str(data)),
+                      "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32", "lr": 1e-3,
+                      "model.llm.quantization_config.bnb_4bit_compute_dtype": torch.float32})
+    cfg = load_config(name, overrides)
+    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "work"), seed=1)
+    assert runner.unwrapped_model.quantized and runner.unwrapped_model.use_lora
+    runner.train()
+    logged = [json.loads(line) for line in (runner.log_dir / "scalars.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(math.isfinite(s["loss"]) for s in logged)
+    assert all("rewards/margins" in s and "rewards/accuracies" in s for s in logged)
+    lora_b = [p for n, p in runner.unwrapped_model.named_parameters() if "lora_B" in n]
+    assert any(float(p.detach().abs().sum()) > 0 for p in lora_b)  # zero at the start: the adapters learned
