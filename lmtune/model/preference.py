@@ -92,11 +92,16 @@ class PreferenceModel(SupervisedFinetune):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **batch: Any) -> dict[str, Any]:
         sequence_index = self._sequence_index(batch)
+        # the reference first: its pass is over (its buffers freed) before the policy's graph is built
+        ref = self.reference_logps(input_ids, labels, position_ids, sequence_index, attention_mask)
         logps, lengths = self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
                                              attention_mask)
-        terms, metrics = self.pair_loss(logps, lengths, input_ids, labels, position_ids, sequence_index,
-                                        attention_mask)
+        terms, metrics = self.pair_loss(logps, lengths, ref)
         return self._outputs(terms, metrics, labels, sequence_index)
+
+    def reference_logps(self, input_ids, labels, position_ids, sequence_index, attention_mask) -> torch.Tensor | None:
+        """The reference model's summed log-probability of each sequence (None: the loss needs none)."""
+        return None
 
     def _sequence_index(self, batch: dict) -> torch.Tensor:
         sequence_index = batch.get(SEQUENCE_INDEX)
@@ -114,9 +119,10 @@ class PreferenceModel(SupervisedFinetune):
         return {"loss_terms": terms, "metrics": {k: v.detach() for k, v in metrics.items()},
                 "loss_sum": terms["pairs"], "num_tokens": torch.tensor(units["pairs"]), "loss": loss}
 
-    def pair_loss(self, logps, lengths, input_ids, labels, position_ids, sequence_index, attention_mask):
-        """``(loss_terms, metrics)``: per-pair sums; ``loss_terms`` maps a unit (``pairs``, ``chosen_tokens``) to
-        the sum to divide by the step's count of it."""
+    def pair_loss(self, logps, lengths, ref):
+        """``(loss_terms, metrics)`` of the sequences' summed log-probabilities (and the reference's): per-pair
+        sums; ``loss_terms`` maps a unit (``pairs``, ``chosen_tokens``) to the sum to divide by the step's count
+        of it."""
         raise NotImplementedError
 
     @staticmethod
@@ -167,8 +173,7 @@ class DPO(PreferenceModel):
                 return self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
                                            attention_mask)[0]
 
-    def pair_loss(self, logps, lengths, input_ids, labels, position_ids, sequence_index, attention_mask):
-        ref = self.reference_logps(input_ids, labels, position_ids, sequence_index, attention_mask)
+    def pair_loss(self, logps, lengths, ref):
         chosen, rejected, ref_chosen, ref_rejected = logps[0::2], logps[1::2], ref[0::2], ref[1::2]
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         delta = chosen_ratio - rejected_ratio
@@ -210,7 +215,7 @@ class SimPO(PreferenceModel):
         super().__init__(llm, beta=beta, **kwargs)
         self.gamma, self.cpo_alpha, self.label_smoothing = float(gamma), float(cpo_alpha), float(label_smoothing)
 
-    def pair_loss(self, logps, lengths, *unused):
+    def pair_loss(self, logps, lengths, ref=None):
         average = logps / lengths.clamp(min=1)
         chosen, rejected = average[0::2], average[1::2]
         margin = self.beta * (chosen - rejected) - self.gamma
@@ -251,7 +256,7 @@ class ORPO(PreferenceModel):
         terms, metrics = self.pair_loss(logps, lengths, nll=("chosen_all_tokens", -everything[0::2].sum()))
         return self._outputs(terms, metrics, labels, sequence_index)
 
-    def pair_loss(self, logps, lengths, *unused, nll: tuple[str, torch.Tensor] | None = None):
+    def pair_loss(self, logps, lengths, ref=None, nll: tuple[str, torch.Tensor] | None = None):
         average = logps / lengths.clamp(min=1)
         chosen, rejected = average[0::2], average[1::2]
         log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
