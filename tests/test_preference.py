@@ -362,3 +362,27 @@ def test_check_and_check_dataset_know_preference_configs(tmp_path, capsys):
     assert "(without a resident reference, as with LoRA:" in text and "batch 4 x 96 tokens" in text
     assert main(["check", str(cfg), "--cfg-options", "model.type=lmtune.model.ORPO"]) == 0
     assert "ORPO (beta default), no reference model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_token_log_probs_in_chunks_equal_the_full_logits(softcap, trained_head):
+    from lmtune.model.loss import causal_lm_token_logps, linear_token_logps
+    from lmtune.model.loss_kernels import LogitTransform
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    head.weight.requires_grad_(trained_head)  # frozen: the fused kernel; trained: checkpointed chunks
+    transform = LogitTransform(softcap=softcap)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)  # a sequence-level loss weighs each token differently
+    got = linear_token_logps(hidden, head, targets, chunk_size=8, transform=transform)
+    (got * weights).sum().backward()
+    grads = [hidden.grad.clone()] + ([head.weight.grad.clone()] if trained_head else [])
+    hidden.grad, head.weight.grad = None, None
+    want = causal_lm_token_logps(transform(head(hidden)), targets)
+    (want * weights).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(grads, [hidden.grad] + ([head.weight.grad] if trained_head else [])):
+        assert torch.allclose(g, w, atol=1e-5)

@@ -55,6 +55,7 @@ from lmtune.model.loss_kernels import (
     _head_loss,
     _liger,
     _LinearChunkedCrossEntropy,
+    _LinearTokenCrossEntropy,
     _ModuleChunkedCrossEntropy,
 )
 
@@ -136,13 +137,19 @@ def linear_token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
 
     The sequence-level losses of preference training weigh each token by its sequence's gradient, so they need
     every token's log-probability, not the sum: each chunk is checkpointed (its logits are recomputed in the
-    backward pass), and no (tokens, vocab) tensor is ever held.
+    backward pass), and no (tokens, vocab) tensor is ever held. A plain ``nn.Linear`` head that is not trained
+    (LoRA, QLoRA) takes the ``"linear"`` kernel instead: each position's gradient is computed in the forward
+    pass, so nothing is recomputed.
     """
     if chunk_size == "auto":
         weight = getattr(head, "weight", None)
         chunk_size = auto_chunk_size(getattr(head, "out_features", None)
                                      or (weight.shape[0] if torch.is_tensor(weight) else 0), hidden.device)
-    return _checkpointed_token_logps(hidden, head, targets, max(int(chunk_size), 1), transform)
+    chunk_size = max(int(chunk_size), 1)
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if frozen and choose_impl(head, hidden.device, transform, liger=False) == "linear":
+        return -_LinearTokenCrossEntropy.apply(hidden, head.weight, head.bias, targets, transform, chunk_size)
+    return _checkpointed_token_logps(hidden, head, targets, chunk_size, transform)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,106 @@ def _fp32_out_addmm(device: torch.device) -> bool:
     return _FP32_OUT_ADDMM[device.type]
 
 
+def _linear_chunks(hidden, weight, bias, targets, transform, chunk_size, need_h: bool, need_w: bool,
+                   need_b: bool, per_token: bool = False):
+    """The chunk loop of ``_LinearChunkedCrossEntropy`` (see its doc): the summed loss (``per_token``: each
+    position's loss, 0 where ignored) and the gradients of that sum, ``[grad_h, grad_w, grad_b]``."""
+    need_grad = need_h or need_w or need_b
+    compute = _autocast_dtype(hidden.device.type) or weight.dtype
+    w = weight.detach().to(compute)
+    b = None if bias is None else bias.detach().to(compute)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = _accumulator(weight) if need_w else None
+    grad_b = _accumulator(bias) if need_b else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    per_position = hidden.new_zeros(hidden.shape[0], dtype=torch.float32) if per_token else None
+    any_ignored = bool((targets == IGNORE_INDEX).any())  # SupervisedFinetune passes labelled positions only
+    # the (chunk, vocab) buffers are allocated once and reused by every chunk: a fresh buffer of that
+    # size costs page faults on each allocation (glibc maps large blocks anew), as much as the math on CPUs
+    rows = min(chunk_size, hidden.shape[0])
+    half = compute != torch.float32
+    # oneDNN builds a kernel for every new matmul shape, ~30 ms for the head's backward matmul on a CPU:
+    # there, a half-precision chunk whose length is not a multiple of 64 (the last one) is padded with
+    # zero rows, which count as ignored positions, so only a few shapes ever occur
+    pad = 64 if half and hidden.device.type == "cpu" else 1
+    rows = -(-rows // pad) * pad
+    vocab = w.shape[0]
+    # the logits are computed transposed, (vocab, chunk) = weight @ hidden.T: the same numbers, but the
+    # matmul runs 1.2x (fp32) to 2x (bf16) faster on CPUs than (chunk, vocab) = hidden @ weight.T
+    z_flat = hidden.new_empty(vocab * rows, dtype=torch.float32)
+    logits_flat = hidden.new_empty(vocab * rows, dtype=compute) if half else z_flat
+    th_flat = torch.empty_like(z_flat) if transform.softcap is not None else None
+    # a half-precision weight gradient goes into the fp32 accumulator: directly where the device can (CUDA),
+    # else through one buffer for every chunk's product
+    fp32_out = need_w and grad_w.dtype != compute and _fp32_out_addmm(w.device)
+    grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute and not fp32_out else None
+    h_buf = hidden.new_empty((rows, w.shape[1]), dtype=compute) if pad > 1 else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            n = end - start
+            m = -(-n // pad) * pad
+            t = targets[start:end]
+            ignored = any_ignored
+            if m == n:
+                h = hidden[start:end].detach().to(compute)
+            else:
+                h = h_buf[:m]
+                h[:n].copy_(hidden[start:end].detach())
+                h[n:].zero_()
+                t = torch.cat([t, t.new_full((m - n,), IGNORE_INDEX)])
+                ignored = True
+            logits = logits_flat[:vocab * m].view(vocab, m)  # contiguous (vocab, m) views of the buffers
+            if b is not None:
+                torch.addmm(b[:, None], w, h.t(), out=logits)
+            else:
+                torch.mm(w, h.t(), out=logits)
+            z = z_flat[:vocab * m].view(vocab, m)
+            if half:
+                z.copy_(logits)
+            if transform.scale != 1.0:
+                z.mul_(transform.scale)
+            th = None
+            if transform.softcap is not None:
+                th = th_flat[:vocab * m].view(vocab, m)
+                torch.div(z, transform.softcap, out=th).tanh_()
+                torch.mul(th, transform.softcap, out=z)
+            valid = t != IGNORE_INDEX
+            safe_t = (torch.where(valid, t, 0) if ignored else t)[None, :]
+            picked = z.gather(0, safe_t).squeeze(0)
+            top = z.amax(dim=0, keepdim=True)
+            e = z.sub_(top).exp_()
+            sums = e.sum(dim=0)
+            losses = top.squeeze(0) + sums.log() - picked
+            kept = torch.where(valid, losses, 0.0) if ignored else losses
+            if per_token:
+                per_position[start:end] = kept[:n]
+            else:
+                total += kept.sum()
+            if not need_grad:
+                continue
+            e.scatter_add_(0, safe_t, -sums[None, :])  # e - S * one_hot
+            if th is not None:  # d tanh(x) / dx = 1 - tanh(x)^2
+                e.mul_(th.mul_(th).neg_().add_(1.0))
+            inv = transform.scale / sums if transform.scale != 1.0 else sums.reciprocal()
+            if ignored:  # positions without a target get no gradient
+                inv = torch.where(valid, inv, 0.0)
+            e.mul_(inv[None, :])
+            # the logits' buffer is free again: it takes the gradient in the matmul dtype
+            d = logits.copy_(e) if half else e
+            if need_h:
+                grad_h[start:end] = (d.t() @ w)[:n]
+            if need_w:
+                if grad_w_buf is not None:
+                    grad_w.add_(torch.mm(d, h, out=grad_w_buf))
+                elif fp32_out:
+                    torch.addmm(grad_w, d, h, out_dtype=grad_w.dtype, out=grad_w)
+                else:
+                    grad_w.addmm_(d, h)
+            if need_b:
+                grad_b.add_(d.sum(1, dtype=grad_b.dtype))
+    return (per_position if per_token else total), [grad_h, grad_w, grad_b]
+
+
 class _LinearChunkedCrossEntropy(torch.autograd.Function):
     """``"linear"``: hand-written gradients of ``CE(transform(hidden @ weight.T + bias))``, chunk by chunk.
 
@@ -131,96 +231,8 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform, chunk_size):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_grad = need_h or need_w or need_b
-        compute = _autocast_dtype(hidden.device.type) or weight.dtype
-        w = weight.detach().to(compute)
-        b = None if bias is None else bias.detach().to(compute)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = _accumulator(weight) if need_w else None
-        grad_b = _accumulator(bias) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        any_ignored = bool((targets == IGNORE_INDEX).any())  # SupervisedFinetune passes labelled positions only
-        # the (chunk, vocab) buffers are allocated once and reused by every chunk: a fresh buffer of that
-        # size costs page faults on each allocation (glibc maps large blocks anew), as much as the math on CPUs
-        rows = min(chunk_size, hidden.shape[0])
-        half = compute != torch.float32
-        # oneDNN builds a kernel for every new matmul shape, ~30 ms for the head's backward matmul on a CPU:
-        # there, a half-precision chunk whose length is not a multiple of 64 (the last one) is padded with
-        # zero rows, which count as ignored positions, so only a few shapes ever occur
-        pad = 64 if half and hidden.device.type == "cpu" else 1
-        rows = -(-rows // pad) * pad
-        vocab = w.shape[0]
-        # the logits are computed transposed, (vocab, chunk) = weight @ hidden.T: the same numbers, but the
-        # matmul runs 1.2x (fp32) to 2x (bf16) faster on CPUs than (chunk, vocab) = hidden @ weight.T
-        z_flat = hidden.new_empty(vocab * rows, dtype=torch.float32)
-        logits_flat = hidden.new_empty(vocab * rows, dtype=compute) if half else z_flat
-        th_flat = torch.empty_like(z_flat) if transform.softcap is not None else None
-        # a half-precision weight gradient goes into the fp32 accumulator: directly where the device can (CUDA),
-        # else through one buffer for every chunk's product
-        fp32_out = need_w and grad_w.dtype != compute and _fp32_out_addmm(w.device)
-        grad_w_buf = torch.empty_like(w) if need_w and grad_w.dtype != compute and not fp32_out else None
-        h_buf = hidden.new_empty((rows, w.shape[1]), dtype=compute) if pad > 1 else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start, end in _chunks(hidden.shape[0], chunk_size):
-                n = end - start
-                m = -(-n // pad) * pad
-                t = targets[start:end]
-                ignored = any_ignored
-                if m == n:
-                    h = hidden[start:end].detach().to(compute)
-                else:
-                    h = h_buf[:m]
-                    h[:n].copy_(hidden[start:end].detach())
-                    h[n:].zero_()
-                    t = torch.cat([t, t.new_full((m - n,), IGNORE_INDEX)])
-                    ignored = True
-                logits = logits_flat[:vocab * m].view(vocab, m)  # contiguous (vocab, m) views of the buffers
-                if b is not None:
-                    torch.addmm(b[:, None], w, h.t(), out=logits)
-                else:
-                    torch.mm(w, h.t(), out=logits)
-                z = z_flat[:vocab * m].view(vocab, m)
-                if half:
-                    z.copy_(logits)
-                if transform.scale != 1.0:
-                    z.mul_(transform.scale)
-                th = None
-                if transform.softcap is not None:
-                    th = th_flat[:vocab * m].view(vocab, m)
-                    torch.div(z, transform.softcap, out=th).tanh_()
-                    torch.mul(th, transform.softcap, out=z)
-                valid = t != IGNORE_INDEX
-                safe_t = (torch.where(valid, t, 0) if ignored else t)[None, :]
-                picked = z.gather(0, safe_t).squeeze(0)
-                top = z.amax(dim=0, keepdim=True)
-                e = z.sub_(top).exp_()
-                sums = e.sum(dim=0)
-                losses = top.squeeze(0) + sums.log() - picked
-                total += (torch.where(valid, losses, 0.0) if ignored else losses).sum()
-                if not need_grad:
-                    continue
-                e.scatter_add_(0, safe_t, -sums[None, :])  # e - S * one_hot
-                if th is not None:  # d tanh(x) / dx = 1 - tanh(x)^2
-                    e.mul_(th.mul_(th).neg_().add_(1.0))
-                inv = transform.scale / sums if transform.scale != 1.0 else sums.reciprocal()
-                if ignored:  # positions without a target get no gradient
-                    inv = torch.where(valid, inv, 0.0)
-                e.mul_(inv[None, :])
-                # the logits' buffer is free again: it takes the gradient in the matmul dtype
-                d = logits.copy_(e) if half else e
-                if need_h:
-                    grad_h[start:end] = (d.t() @ w)[:n]
-                if need_w:
-                    if grad_w_buf is not None:
-                        grad_w.add_(torch.mm(d, h, out=grad_w_buf))
-                    elif fp32_out:
-                        torch.addmm(grad_w, d, h, out_dtype=grad_w.dtype, out=grad_w)
-                    else:
-                        grad_w.addmm_(d, h)
-                if need_b:
-                    grad_b.add_(d.sum(1, dtype=grad_b.dtype))
-        ctx.grads = [grad_h, grad_w, grad_b]
+        total, ctx.grads = _linear_chunks(hidden, weight, bias, targets, transform, chunk_size,
+                                          *ctx.needs_input_grad[:3])
         ctx.dtypes = [hidden.dtype, weight.dtype, None if bias is None else bias.dtype]
         return total
 
@@ -229,6 +241,28 @@ class _LinearChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w, grad_b = _scaled_grads(ctx, grad_output)
         return grad_h, grad_w, grad_b, None, None, None
+
+
+class _LinearTokenCrossEntropy(torch.autograd.Function):
+    """Each position's cross-entropy of ``transform(hidden @ weight.T + bias)``, for a head that is not trained
+    (LoRA, QLoRA): the gradient of every position's loss with respect to its hidden state is computed in the
+    forward pass, chunk by chunk as ``"linear"`` does, and the backward pass scales each by its incoming
+    gradient. No logits are kept, and none are recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size):
+        losses, (ctx.grad_h, _, _) = _linear_chunks(hidden, weight, bias, targets, transform, chunk_size,
+                                                    ctx.needs_input_grad[0], False, False, per_token=True)
+        ctx.dtype = hidden.dtype
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, ctx.grad_h = ctx.grad_h, None
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_output.to(grad_h.dtype)[:, None]).to(ctx.dtype)
+        return grad_h, None, None, None, None, None
 
 
 class _ModuleChunkedCrossEntropy(torch.autograd.Function):
