@@ -386,3 +386,29 @@ def test_token_log_probs_in_chunks_equal_the_full_logits(softcap, trained_head):
     assert torch.allclose(got, want, atol=1e-5)
     for g, w in zip(grads, [hidden.grad] + ([head.weight.grad] if trained_head else [])):
         assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_a_resumed_lora_dpo_run_reproduces_the_uninterrupted_one(tmp_path):
+    import shutil
+
+    from peft import LoraConfig
+
+    from lmtune.engine import checkpoint as ckpt
+    from lmtune.engine.runner import Runner
+
+    settings = {"batch_size": 1, "max_iters": 4, "default_hooks.checkpoint.interval": 2,
+                "model.lora": dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0),
+                "optim_wrapper.optimizer": dict(type=torch.optim.AdamW, lr=1e-2)}
+    whole, _ = preference_run(tmp_path, "whole", "DPO", **settings)
+    assert whole.unwrapped_model.ref_llm is None  # the reference is the base with the adapters disabled
+    assert [p.name for p in ckpt.list_checkpoints(whole.work_dir)] == ["iter_2", "iter_4"]
+    part = tmp_path / "part"  # the run as a kill -9 after iteration 2 leaves it
+    part.mkdir()
+    shutil.copytree(whole.work_dir / "iter_2", part / "iter_2")
+    (part / ckpt.POINTER).write_text("iter_2\n")
+    resumed = Runner.from_config(whole.cfg, work_dir=str(part), resume=True)
+    assert resumed.iter == 2
+    resumed.train()
+    a, b = trained(whole), trained(resumed)
+    assert a.keys() == b.keys() and all("lora" in k for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
