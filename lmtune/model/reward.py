@@ -43,6 +43,13 @@ class RewardModel(SupervisedFinetune):
         hidden = self._base_model().config.get_text_config().hidden_size
         self.v_head = nn.Linear(hidden, 1, bias=False, device=self.llm.get_input_embeddings().weight.device)
         nn.init.zeros_(self.v_head.weight)
+        # the LM head scores nothing: frozen, so that it is neither trained nor waited for by DDP (an untied head
+        # would get no gradient); a head tied to the input embeddings stays as it is
+        base = self._base_model()
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if isinstance(head, nn.Module) and getattr(head, "weight", None) is not base.get_input_embeddings().weight:
+            for param in head.parameters():
+                param.requires_grad_(False)
 
     def sequence_classifier(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The trained model as transformers' ``*ForSequenceClassification`` (``num_labels=1``; LoRA merged): its

@@ -126,8 +126,10 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
     model_cfg["use_activation_checkpointing"] = False
     model_cfg["llm"] = _loadable_on_this_device(model_cfg.get("llm"))
     # full fine-tuning: the checkpoint holds every weight, so the base weights are never read
+    reward = model_type is not None and issubclass(model_type, RewardModel)
+    # (a reward model's checkpoint lacks its frozen LM head: its base weights are read)
     skeleton = _empty_llm(model_cfg.get("llm")) if model_cfg.get("lora") is None and not model_cfg.get(
-        "peft_model") else None
+        "peft_model") and not reward else None
     if skeleton is not None:
         model_cfg["llm"] = skeleton
         model_cfg.pop("max_position_embeddings", None)
@@ -136,7 +138,7 @@ def pth_to_hf(config: str | os.PathLike | None, checkpoint: str | os.PathLike, s
         # reference model) do not enter the export
         kept = set(inspect.signature(SupervisedFinetune.__init__).parameters)
         model_cfg = {k: v for k, v in model_cfg.items() if k in kept}
-    cls = RewardModel if model_type is not None and issubclass(model_type, RewardModel) else SupervisedFinetune
+    cls = RewardModel if reward else SupervisedFinetune
     try:
         model = cls(**model_cfg)
     except TypeError as exc:
