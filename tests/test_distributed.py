@@ -524,3 +524,24 @@ def test_the_agent_answers_once_for_all_ranks():
                {"rank": 0, "code": 75, "message": "lmtune: stopped by SIGTERM ...", "time": 2.0}]
     assert answer(stopped, 75) == (75, "lmtune: stopped by SIGTERM ...")
     assert answer([], 75) is None
+
+
+# ------------------------------------------------------------------ preference training
+
+def test_orpo_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):
+    # ORPO divides its two terms by different totals (pairs, chosen tokens): both must be the step's, over ranks
+    from test_preference import FIXTURE, PREFERENCE_CONFIG, mix_rows, preference_run, write_pairs
+
+    data = write_pairs(tmp_path / "mix.jsonl", mix_rows())
+    cfg = tmp_path / "orpo.py"
+    cfg.write_text(PREFERENCE_CONFIG.format(path=str(FIXTURE / "policy"), data=data, model="ORPO"))
+    train(tmp_path / "two", ["batch_size=2", "max_iters=2"], "--seed", "3", config=cfg, nproc=2)
+    one, rows_one = preference_run(tmp_path, "one", "ORPO", batch_size=4, max_iters=2)  # seed 3 as well
+    two = tmp_path / "two"
+    assert json.loads((ckpt.find_latest(two) / ckpt.META).read_text())["strategy"] == "ddp"
+    assert_same_weights(weights(ckpt.find_latest(two)), weights(ckpt.find_latest(one.work_dir)), atol=1e-6)
+    rows_two = [json.loads(line) for log in sorted(two.glob("*/scalars.jsonl"))
+                for line in log.read_text().splitlines()]
+    for a, b in zip(rows_two, rows_one, strict=True):  # the logged loss and rewards are over both ranks' pairs
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
