@@ -360,6 +360,9 @@ def test_check_and_check_dataset_know_preference_configs(tmp_path, capsys):
     assert "4 pairs kept of 4 rows" in text and "[rejected]" in text
     assert "reference: a frozen copy of the model as it starts" in text
     assert "(without a resident reference, as with LoRA:" in text and "batch 4 x 96 tokens" in text
+    assert main(["check", str(cfg), "--cfg-options", "model.precompute_ref_log_probs=True"]) == 0
+    text = capsys.readouterr().out
+    assert "reference: log-probabilities precomputed before training" in text and "(without a resident" not in text
     assert main(["check", str(cfg), "--cfg-options", "model.type=lmtune.model.ORPO"]) == 0
     assert "ORPO (beta default), no reference model" in capsys.readouterr().out
 
@@ -412,3 +415,29 @@ def test_a_resumed_lora_dpo_run_reproduces_the_uninterrupted_one(tmp_path):
     a, b = trained(whole), trained(resumed)
     assert a.keys() == b.keys() and all("lora" in k for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_precomputed_reference_log_probs_train_as_a_resident_reference_does(tmp_path, capsys):
+    from lmtune.model.preference import sequence_keys
+
+    resident, rows_resident = preference_run(tmp_path, "resident", "DPO", max_iters=2)
+    assert resident.unwrapped_model.ref_llm is not None  # full fine-tuning: a frozen copy
+    pre, rows_pre = preference_run(tmp_path, "pre", "DPO", max_iters=2, **{"model.precompute_ref_log_probs": True})
+    model = pre.unwrapped_model
+    assert model.ref_llm is None and len(model.reference_table) == 16  # 8 pairs: no second copy, a table
+    assert "Reference log-probabilities of 16 sequences computed" in capsys.readouterr().out
+    a, b = trained(resident), trained(pre)
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    for x, y in zip(rows_resident, rows_pre, strict=True):
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-6) and x["loss"] == y["loss"]
+    # the same reference and data again (a second run, a resumed one): the table comes from lmtune's cache
+    again, _ = preference_run(tmp_path, "again", "DPO", max_iters=2, **{"model.precompute_ref_log_probs": True})
+    assert "Reference log-probabilities of 16 sequences loaded from the cache" in capsys.readouterr().out
+    assert again.unwrapped_model.reference_table == model.reference_table
+    # the key of a sequence is its tokens and labels, whatever row or packing it comes in
+    rows = rows_of(TRL["dpo"]["pairs"])
+    one = preference_collate_fn(rows)
+    packed_batch = preference_collate_fn(packed(rows, 300), use_varlen_attn=True)
+    keys = sequence_keys(one["input_ids"], one["labels"], one["sequence_index"])
+    assert len(set(keys)) == 8 and sorted(keys) == sorted(sequence_keys(
+        packed_batch["input_ids"], packed_batch["labels"], packed_batch["sequence_index"]))

@@ -13,7 +13,9 @@ TRL's trainers).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from typing import Any
 
 import torch
@@ -41,6 +43,25 @@ def _frozen(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
+
+
+def sequence_keys(input_ids: torch.Tensor, labels: torch.Tensor, sequence_index: torch.Tensor) -> list[bytes]:
+    """A digest of each sequence of a preference batch (its token ids and labels), in sequence order: the key of
+    its precomputed reference log-probability, whatever rows or packing it comes in."""
+    import hashlib
+
+    flat = sequence_index.flatten()
+    keep = flat >= 0
+    order = torch.argsort(flat[keep], stable=True)
+    ids, labs = input_ids.flatten()[keep][order].cpu(), labels.flatten()[keep][order].cpu()
+    counts = torch.bincount(flat[keep].cpu()).tolist()
+    keys, start = [], 0
+    for n in counts:
+        digest = hashlib.blake2b(ids[start:start + n].numpy().tobytes(), digest_size=16)
+        digest.update(labs[start:start + n].numpy().tobytes())
+        keys.append(digest.digest())
+        start += n
+    return keys
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -143,33 +164,97 @@ class DPO(PreferenceModel):
 
     The reference: with LoRA/QLoRA the base model with its adapters disabled (no second copy); ``ref_llm`` a
     separate model (or its config), frozen; otherwise a frozen copy of the model as it starts.
+    ``precompute_ref_log_probs=True``: the reference log-probability of every training sequence is computed once
+    before training (``precompute_reference``, which the Runner calls), so no reference model is resident and no
+    reference pass runs during training; with full fine-tuning the reference is then the model as it starts.
     """
 
     def __init__(self, llm: Any, ref_llm: Any = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, **kwargs: Any) -> None:
+                 label_smoothing: float = 0.0, precompute_ref_log_probs: bool = False, **kwargs: Any) -> None:
         if loss_type not in DPO_LOSS_TYPES:
             raise ConfigError(f"model.loss_type={loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
         if not 0.0 <= float(label_smoothing) < 0.5:
             raise ConfigError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
         super().__init__(llm, beta=beta, **kwargs)
         self.loss_type, self.label_smoothing = loss_type, float(label_smoothing)
+        self.precompute_ref_log_probs = bool(precompute_ref_log_probs)
+        self.reference_table: dict[bytes, float] | None = None  # sequence -> reference log-prob, when precomputed
         if ref_llm is not None:
             if not (isinstance(ref_llm, nn.Module) or is_type_dict(ref_llm)):
                 raise ConfigError("model.ref_llm must be a model or its dict(type=...) config")
             ref, _ = build_llm(ref_llm, kwargs.get("max_position_embeddings"), self.device,
                                kwargs.get("use_varlen_attn", False))
             self.ref_llm = _frozen(ref)
-        elif self.use_lora:
-            self.ref_llm = None  # the adapters disabled
+        elif self.use_lora or self.precompute_ref_log_probs:
+            self.ref_llm = None  # the adapters disabled, or the model itself before training (precomputed)
         else:
             self.ref_llm = _frozen(copy.deepcopy(self.llm))
 
     def reference_logps(self, input_ids, labels, position_ids, sequence_index, attention_mask) -> torch.Tensor:
+        if self.precompute_ref_log_probs:
+            if self.reference_table is None:
+                raise ConfigError("precompute_ref_log_probs=True: the reference log-probabilities were not computed "
+                                  "(the Runner does it before training; call precompute_reference(dataloader))")
+            try:
+                values = [self.reference_table[key] for key in sequence_keys(input_ids, labels, sequence_index)]
+            except KeyError:
+                raise ConfigError("a training sequence has no precomputed reference log-probability: the batches "
+                                  "must come from the dataloader given to precompute_reference") from None
+            return torch.tensor(values, dtype=torch.float32, device=input_ids.device)
+        return self._reference_pass(input_ids, labels, position_ids, sequence_index, attention_mask)
+
+    def precompute_reference(self, dataloader, device: torch.device | str | None = None, rows: int = 8,
+                             cache_file: str | os.PathLike | None = None) -> tuple[int, bool]:
+        """Compute the reference log-probability of every sequence of ``dataloader``'s dataset (rows batched by
+        its collate function; the ranks of a distributed run share the work) with the model as it is now, which
+        must be the reference: before training (and before a checkpoint's weights are loaded). With
+        ``cache_file``, a table saved there before is loaded instead, and a computed one is saved there (by rank
+        0, atomically). Returns (the number of sequences, whether the table was loaded)."""
+        import torch.distributed as dist
+
+        from lmtune.core.dist import get_rank, get_world_size
+
+        if cache_file is not None and os.path.isfile(cache_file):
+            saved = torch.load(cache_file, weights_only=True)
+            self.reference_table = dict(zip(saved["keys"], saved["values"].tolist()))
+            return len(self.reference_table), True
+
+        dataset, collate = dataloader.dataset, dataloader.collate_fn
+        rank, world = get_rank(), get_world_size()
+        mine = list(range(rank, len(dataset), world))
+        table: dict[bytes, float] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(mine), rows):
+                batch = collate([dataset[i] for i in mine[start:start + rows]])
+                batch = {k: v.to(device) if torch.is_tensor(v) and device is not None else v for k, v in batch.items()}
+                ref = self._reference_pass(batch["input_ids"], batch["labels"], batch.get("position_ids"),
+                                           batch[SEQUENCE_INDEX], batch.get("attention_mask"))
+                keys = sequence_keys(batch["input_ids"], batch["labels"], batch[SEQUENCE_INDEX])
+                table.update(zip(keys, ref.tolist()))
+        finally:
+            self.train(was_training)
+        if world > 1:
+            parts: list[dict] = [{} for _ in range(world)]
+            dist.all_gather_object(parts, table)
+            table = {k: v for part in parts for k, v in part.items()}
+        self.reference_table = table
+        if cache_file is not None and rank == 0:
+            keys = list(table)
+            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            os.makedirs(os.path.dirname(os.fspath(cache_file)) or ".", exist_ok=True)
+            torch.save({"keys": keys, "values": torch.tensor([table[k] for k in keys], dtype=torch.float64)}, tmp)
+            os.replace(tmp, cache_file)
+        return len(table), False
+
+    def _reference_pass(self, input_ids, labels, position_ids, sequence_index, attention_mask) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_llm is not None:
                 return self.sequence_logps(self.ref_llm, input_ids, labels, position_ids, sequence_index,
                                            attention_mask)[0]
-            with self.llm.disable_adapter():
+            # LoRA: the base model with the adapters disabled; else (precomputing) the model before training
+            with self.llm.disable_adapter() if self.use_lora else contextlib.nullcontext():
                 return self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
                                            attention_mask)[0]
 
@@ -269,4 +354,4 @@ class ORPO(PreferenceModel):
         return terms, metrics
 
 
-__all__ = ["DPO", "DPO_LOSS_TYPES", "ORPO", "PreferenceModel", "SimPO"]
+__all__ = ["DPO", "DPO_LOSS_TYPES", "ORPO", "PreferenceModel", "SimPO", "sequence_keys"]

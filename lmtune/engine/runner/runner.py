@@ -124,6 +124,8 @@ class Runner:
                                                  self.mp_start_method)
         self.strategy.configure(micro_batch_size(self.train_dataloader), step)  # DeepSpeed fills its JSON
         model = self._build_model(self.strategy.model_config(cfg.get("model")))
+        if getattr(model, "precompute_ref_log_probs", False):
+            self._precompute_reference(model, cfg)
         # checkpoint weights go into the plain model, before it is wrapped or sharded
         if self._resume_state is not None:
             self.checkpointer.check_strategy(self.resume_from, self._resume_state)
@@ -252,6 +254,22 @@ class Runner:
                 torch.distributed.broadcast(value, src=0)
                 seed = int(value)
         return int(seed)
+
+    def _precompute_reference(self, model: Any, cfg: Config) -> None:
+        """DPO's ``precompute_ref_log_probs``: the reference log-probabilities of the training sequences, from
+        lmtune's cache when the same reference and data made them before (a resumed run, a second run), else
+        computed now with the model as built, which is the reference (checkpoint weights are loaded after)."""
+        from lmtune.dataset import cache
+
+        model_cfg, loader_cfg = dict(cfg.get("model") or {}), dict(cfg.get("train_dataloader") or {})
+        key = cache.cache_key(kind="reference log-probs 1", reference=model_cfg.get("ref_llm") or model_cfg.get("llm"),
+                              lora=model_cfg.get("lora") is not None, dataset=loader_cfg.get("dataset"),
+                              collate=loader_cfg.get("collate_fn"))
+        count, loaded = model.precompute_reference(self.train_dataloader, self.device,
+                                                   cache_file=cache.cache_root() / f"{key}.reference.pt")
+        self.logger.info(f"Reference log-probabilities of {count:,} sequences "
+                         + ("loaded from the cache" if loaded else "computed")
+                         + " (precompute_ref_log_probs=True): no reference model is resident during training")
 
     def _build_model(self, cfg: Any) -> torch.nn.Module:
         if cfg is None:

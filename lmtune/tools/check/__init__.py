@@ -267,7 +267,9 @@ def preference_objective(model_cfg: dict) -> tuple[str, bool, str] | None:
     if not issubclass(kind, DPO):
         return f"objective: {kind.__name__} (beta {model_cfg.get('beta', 'default')}), no reference model", False, \
             "none: reference-free"
-    if model_cfg.get("ref_llm") is not None:
+    if model_cfg.get("precompute_ref_log_probs"):
+        ref, resident = "log-probabilities precomputed before training (precompute_ref_log_probs)", False
+    elif model_cfg.get("ref_llm") is not None:
         ref, resident = "ref_llm, a frozen model of its own", True
     elif lora:
         ref, resident = "the base model with the adapters disabled: no second copy", False
