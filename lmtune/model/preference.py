@@ -64,6 +64,26 @@ def sequence_keys(input_ids: torch.Tensor, labels: torch.Tensor, sequence_index:
     return keys
 
 
+def pair_sequence_index(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The ``sequence_index`` of a batch of pairs, or the error saying how to make one."""
+    sequence_index = batch.get(SEQUENCE_INDEX)
+    if sequence_index is None:
+        builder = "build_preference_dataset(is_reward=True, ...)" if hasattr(model, "v_head") else \
+            "build_preference_dataset"
+        raise ConfigError(f"{type(model).__name__} trains on pairs: build train_dataset with {builder} and set "
+                          "train_dataloader.collate_fn=dict(type=preference_collate_fn)")
+    return sequence_index
+
+
+def pair_outputs(terms: dict, metrics: dict, labels: torch.Tensor, sequence_index: torch.Tensor) -> dict[str, Any]:
+    """What a model trained on pairs returns: the loop's inputs (``loss_terms``: sums per unit, ``metrics``: sums
+    over the pairs) and this batch's own ``loss``, ``loss_sum`` and ``num_tokens`` (its pairs)."""
+    units = loss_units({"labels": labels, SEQUENCE_INDEX: sequence_index})
+    loss = sum(term / max(units[unit], 1) for unit, term in terms.items())
+    return {"loss_terms": terms, "metrics": {k: v.detach() for k, v in metrics.items()},
+            "loss_sum": terms["pairs"], "num_tokens": torch.tensor(units["pairs"]), "loss": loss}
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for large ``-x``."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -83,12 +103,10 @@ class PreferenceModel(SupervisedFinetune):
                     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The log-probability of each target that is not ignored (in the order of ``targets != IGNORE``)."""
         mask = targets != IGNORE_INDEX
-        if self.loss_chunk_size and self._chunked_loss_ok is not False:
-            found = self._final_hidden(llm, input_ids, position_ids, attention_mask)
-            if found is not None:
-                hidden, head = found
-                return linear_token_logps(hidden[mask], head, targets[mask], self.loss_chunk_size,
-                                          self._logit_transform)
+        found = self._final_hidden(llm, input_ids, position_ids, attention_mask)
+        if found is not None:
+            hidden, head = found
+            return linear_token_logps(hidden[mask], head, targets[mask], self.loss_chunk_size, self._logit_transform)
         logits = llm(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                      use_cache=False, **self._attention_kwargs(position_ids, attention_mask)).logits
         return causal_lm_token_logps(logits[mask], targets[mask])  # the model's own logits
@@ -112,33 +130,17 @@ class PreferenceModel(SupervisedFinetune):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **batch: Any) -> dict[str, Any]:
-        sequence_index = self._sequence_index(batch)
+        sequence_index = pair_sequence_index(self, batch)
         # the reference first: its pass is over (its buffers freed) before the policy's graph is built
         ref = self.reference_logps(input_ids, labels, position_ids, sequence_index, attention_mask)
         logps, lengths = self.sequence_logps(self.llm, input_ids, labels, position_ids, sequence_index,
                                              attention_mask)
         terms, metrics = self.pair_loss(logps, lengths, ref)
-        return self._outputs(terms, metrics, labels, sequence_index)
+        return pair_outputs(terms, metrics, labels, sequence_index)
 
     def reference_logps(self, input_ids, labels, position_ids, sequence_index, attention_mask) -> torch.Tensor | None:
         """The reference model's summed log-probability of each sequence (None: the loss needs none)."""
         return None
-
-    def _sequence_index(self, batch: dict) -> torch.Tensor:
-        sequence_index = batch.get(SEQUENCE_INDEX)
-        if sequence_index is None:
-            raise ConfigError(f"{type(self).__name__} trains on pairs: build train_dataset with "
-                              "build_preference_dataset and set train_dataloader.collate_fn="
-                              "dict(type=preference_collate_fn)")
-        return sequence_index
-
-    @staticmethod
-    def _outputs(terms: dict, metrics: dict, labels: torch.Tensor, sequence_index: torch.Tensor) -> dict[str, Any]:
-        """The loop's inputs (``loss_terms``, ``metrics``: sums) and this batch's own ``loss``."""
-        units = loss_units({"labels": labels, SEQUENCE_INDEX: sequence_index})
-        loss = sum(term / max(units[unit], 1) for unit, term in terms.items())
-        return {"loss_terms": terms, "metrics": {k: v.detach() for k, v in metrics.items()},
-                "loss_sum": terms["pairs"], "num_tokens": torch.tensor(units["pairs"]), "loss": loss}
 
     def pair_loss(self, logps, lengths, ref):
         """``(loss_terms, metrics)`` of the sequences' summed log-probabilities (and the reference's): per-pair
@@ -328,7 +330,7 @@ class ORPO(PreferenceModel):
         if not self.nll_on_prompt:
             return super().forward(input_ids, labels, position_ids, attention_mask, **batch)
         # one pass over every token of the chosen sequences and the responses of the rejected ones
-        sequence_index = self._sequence_index(batch)
+        sequence_index = pair_sequence_index(self, batch)
         responses = shifted_targets(labels)
         chosen_ids = torch.arange(0, int(sequence_index.max()) + 1, 2, device=sequence_index.device)
         targets = torch.where(responses != IGNORE_INDEX, responses,
@@ -339,7 +341,7 @@ class ORPO(PreferenceModel):
         logps, lengths = self.per_sequence(values[in_response], responses != IGNORE_INDEX, sequence_index)
         everything, _ = self.per_sequence(values, trained, sequence_index)
         terms, metrics = self.pair_loss(logps, lengths, nll=("chosen_all_tokens", -everything[0::2].sum()))
-        return self._outputs(terms, metrics, labels, sequence_index)
+        return pair_outputs(terms, metrics, labels, sequence_index)
 
     def pair_loss(self, logps, lengths, ref=None, nll: tuple[str, torch.Tensor] | None = None):
         average = logps / lengths.clamp(min=1)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmtune.core.constants import IGNORE_INDEX
 from lmtune.core.errors import ConfigError
-from lmtune.model.loss import SEQUENCE_INDEX
+from lmtune.model.preference import pair_outputs, pair_sequence_index
 from lmtune.model.sft import SupervisedFinetune
 
 LOSS_TYPES = ("ranking", "focal")
@@ -82,7 +82,7 @@ class RewardModel(SupervisedFinetune):
         """The final hidden states (after the last norm) of every position."""
         base = self._base_model()
         has_head = isinstance(getattr(base, "get_output_embeddings", lambda: None)(), nn.Module)
-        if has_head and self.loss_chunk_size and self._chunked_loss_ok is not False:
+        if has_head:
             found = self._final_hidden(self.llm, input_ids, position_ids, attention_mask)
             if found is not None:
                 return found[0]
@@ -107,11 +107,7 @@ class RewardModel(SupervisedFinetune):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **batch: Any) -> dict[str, Any]:
-        sequence_index = batch.get(SEQUENCE_INDEX)
-        if sequence_index is None:
-            raise ConfigError("RewardModel trains on pairs: build train_dataset with build_preference_dataset("
-                              "is_reward=True, ...) and set train_dataloader.collate_fn=dict(type="
-                              "preference_collate_fn)")
+        sequence_index = pair_sequence_index(self, batch)
         scores = self.scores(input_ids, labels, position_ids, sequence_index, attention_mask)
         chosen, rejected = scores[0::2], scores[1::2]
         losses = -F.logsigmoid(chosen - rejected)
@@ -123,12 +119,10 @@ class RewardModel(SupervisedFinetune):
             losses = losses + self.penalty_weight * (-torch.log(5 - bounded) - torch.log(bounded + 5)).sum(0)
         elif self.penalty_type == "L2":
             losses = losses + self.penalty_weight * (chosen ** 2 + rejected ** 2)
-        pairs = chosen.shape[0]
         c, r = chosen.detach(), rejected.detach()
         metrics = {"rewards/chosen": c.sum(), "rewards/rejected": r.sum(),
                    "rewards/accuracies": (c > r).float().sum(), "rewards/margins": (c - r).sum()}
-        return {"loss_terms": {"pairs": losses.sum()}, "metrics": metrics, "loss_sum": losses.sum(),
-                "num_tokens": torch.tensor(pairs), "loss": losses.sum() / max(pairs, 1)}
+        return pair_outputs({"pairs": losses.sum()}, metrics, labels, sequence_index)
 
 
 __all__ = ["LOSS_TYPES", "PENALTY_TYPES", "RewardModel"]

@@ -123,9 +123,7 @@ class SupervisedFinetune(nn.Module):
                 attention_mask: torch.Tensor | None = None, **unused: Any) -> dict[str, torch.Tensor]:
         """Summed cross-entropy over target tokens (``loss_sum``), their count, and their mean (``loss``)."""
         targets = shifted_targets(labels)
-        loss_sum = None
-        if self.loss_chunk_size and self._chunked_loss_ok is not False:
-            loss_sum = self._chunked_loss(input_ids, targets, position_ids, attention_mask)
+        loss_sum = self._chunked_loss(input_ids, targets, position_ids, attention_mask)
         if loss_sum is None:
             loss_sum = self._plain_loss(input_ids, targets, position_ids, attention_mask)
         num_tokens = (targets != IGNORE_INDEX).sum()
@@ -167,8 +165,11 @@ class SupervisedFinetune(nn.Module):
         a pre-hook on the output head takes the final hidden states and hands the head none of
         them (a few on the first call, to check that ``LogitTransform`` reproduces what the model
         does to its logits). The caller then runs the head on the labelled positions only
-        (``linear_cross_entropy_sum``, ``linear_token_logps``), a chunk at a time.
+        (``linear_cross_entropy_sum``, ``linear_token_logps``), a chunk at a time. None at once when the
+        chunked loss is off (``loss_chunk_size`` 0, or this model found unfit for it).
         """
+        if not self.loss_chunk_size or self._chunked_loss_ok is False:
+            return None
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if not isinstance(head, nn.Module):

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 from lmtune.config import Config, ConfigError, build, is_type_dict
 from lmtune.config.build import resolve_callable
 from lmtune.dataset.huggingface import process_hf_dataset
-from lmtune.dataset.preference import PAIR_STATUS, PairProcessor, build_preference_dataset, pair_processor
+from lmtune.dataset.preference import PAIR_STATUS, build_preference_dataset, pair_processor
 from lmtune.dataset.stages import BAD, OK, STATUS_NAMES, as_function, describe_source, row_processor, train_split
 from lmtune.engine.hooks.chat import DatasetInfoHook
 
@@ -132,8 +132,7 @@ def check_pairs(n: int, ds_cfg: dict, out: TextIO, rows_to_show: int, max_proble
     tokenizer = build(ds_cfg["tokenizer"], key="tokenizer")
     processor = pair_processor(tokenizer, ds_cfg.get("max_length"), ds_cfg.get("dataset_map_fn"),
                                ds_cfg.get("is_reward", False), ds_cfg.get("reward_token_id", -1),
-                               ds_cfg.get("is_reference", False), ds_cfg.get("max_response_length", 4096), source,
-                               skip_bad_rows=True)
+                               ds_cfg.get("is_reference", False), ds_cfg.get("max_response_length", 4096), source)
     map_fn = processor.map_fn
     out.write(f"dataset_map_fn: {getattr(map_fn, '__name__', map_fn) if map_fn else 'none (rows are pairs)'}\n")
     bad = 0
@@ -142,7 +141,7 @@ def check_pairs(n: int, ds_cfg: dict, out: TextIO, rows_to_show: int, max_proble
         if shown:
             out.write(f"-- row {index}\n[raw] {_short(raw[index])}\n")
         try:
-            pair = PairProcessor(map_fn, processor.encoder, source, skip_bad_rows=False).encode(raw[index], index)
+            pair = processor.encode(raw[index], index)
         except ConfigError as exc:
             bad += 1
             if bad <= max_problems:

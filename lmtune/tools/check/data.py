@@ -104,7 +104,7 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
         ds_cfg = dict(ds_cfg)
         fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
         if fn is build_preference_dataset:
-            est = _pairs(report, w, n, ds_cfg, rows, vocab)
+            est = _pairs(report, w, n, ds_cfg, tokenizer, rows, vocab)
             total_est = None if est is None or total_est is None else total_est + est[0]
             exact = exact and est is not None and est[1]
             continue
@@ -174,7 +174,7 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
     return total_est, exact
 
 
-def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, rows: int, vocab: int | None
+def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, tokenizer: Any, rows: int, vocab: int | None
            ) -> tuple[float, bool] | None:
     """``_data`` for preference pairs: the first ``rows`` rows as training makes them; (estimated training rows,
     exact), or None when they cannot be made."""
@@ -206,11 +206,10 @@ def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, rows: int, voca
     if n == 0 and len(pairs):
         row = pairs[0]
         chosen = row["num_tokens"][0]
-        tok = build(ds_cfg["tokenizer"], key="tokenizer")
-        report.sample_text = (tok.decode(row["input_ids"][:chosen]) + "\n[rejected]\n"
-                              + tok.decode(row["input_ids"][chosen:]))
-        report.sample_trained = (DatasetInfoHook.render_labels(tok, row["labels"][:chosen]) + "\n[rejected]\n"
-                                 + DatasetInfoHook.render_labels(tok, row["labels"][chosen:]))
+        report.sample_text = (tokenizer.decode(row["input_ids"][:chosen]) + "\n[rejected]\n"
+                              + tokenizer.decode(row["input_ids"][chosen:]))
+        report.sample_trained = (DatasetInfoHook.render_labels(tokenizer, row["labels"][:chosen]) + "\n[rejected]\n"
+                                 + DatasetInfoHook.render_labels(tokenizer, row["labels"][chosen:]))
     est, exact = float(len(pairs)) * len(raw) / max(taken, 1), taken == len(raw)
     if ds_cfg.get("use_varlen_attn") and len(pairs):
         packed = build_preference_dataset(**{**common, "use_varlen_attn": True})
