@@ -50,3 +50,18 @@ def default_collate_fn(
         batch["cumulative_len"] = cumulative
         batch["max_seqlen"] = max_seqlen
     return batch
+
+
+def mmlu_collate_fn(instances: Sequence[dict], pad_index: int = DEFAULT_PAD_TOKEN_INDEX,
+                    return_hf_format: bool = False) -> dict:
+    """XTuner's batch of multiple-choice prompts (rows of ``input_ids_with_output=False`` data): the batch of
+    ``default_collate_fn`` with an ``attention_mask`` (True on each row's own tokens), each row's answer letter
+    (``answers``, its ``output`` field) and ``subjects`` (its ``subject`` field, '' when absent), which
+    :class:`lmtune.engine.evaluation.MMLUMetric` reads."""
+    batch = default_collate_fn(instances, pad_index)
+    longest = batch["input_ids"].shape[1]
+    lengths = torch.tensor([len(row["input_ids"]) for row in instances])
+    batch["attention_mask"] = torch.arange(longest)[None, :] < lengths[:, None]
+    batch["answers"] = [str(row.get("output", "")).strip() for row in instances]
+    batch["subjects"] = [str(row.get("subject", "") or "") for row in instances]
+    return batch

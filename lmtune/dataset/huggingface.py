@@ -15,6 +15,7 @@ from lmtune.config.build import build
 from lmtune.core.dist import get_rank
 from lmtune.core.errors import ConfigError
 from lmtune.dataset import cache
+from lmtune.dataset.holdout import holdout_rows
 from lmtune.dataset.packing import PACKERS
 from lmtune.dataset.stages import BAD, EMPTY, NO_TARGET, OK, describe_source, row_processor, train_split, truncate
 
@@ -43,6 +44,7 @@ def process_hf_dataset(
     skip_bad_rows: bool = False,
     use_cache: bool = True,
     dataset_wait_timeout: float = 3600,
+    holdout: dict | None = None,
 ):
     """Build the training dataset of tokenized (and, by default, packed) rows.
 
@@ -61,8 +63,13 @@ def process_hf_dataset(
     needs no different data (see the model and collate function).
     ``skip_bad_rows`` skips and counts malformed rows instead of stopping.
     ``use_cache`` keeps the result on disk, keyed by everything that changes it.
-    ``remove_unused_columns``, ``input_ids_with_output`` and ``with_output`` are
-    accepted for XTuner configs; lmtune always keeps only the model's columns.
+    ``holdout`` (set by ``val_split``, see ``lmtune.dataset.holdout``): only the training or the validation part
+    of the rows.
+    ``input_ids_with_output=False`` (XTuner's evaluation sets, such as MMLU's): the rows
+    hold the prompts alone, nothing trained, with the raw rows' own scalar fields (an
+    answer, a subject) beside them; such rows are not packed.
+    ``remove_unused_columns`` and ``with_output`` are accepted for XTuner configs;
+    lmtune otherwise keeps only the model's columns.
     """
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ConfigError(f"train_dataset.max_length (the max_length setting) must be an integer of at least 2 "
@@ -71,6 +78,10 @@ def process_hf_dataset(
         raise ConfigError(f"pack_strategy={pack_strategy!r} is not one of {sorted(PACKERS)}")
     if pack_to_max_length and max_length is None:
         raise ConfigError("pack_to_max_length=True needs max_length")
+    prompt_only = not input_ids_with_output
+    if prompt_only and pack_to_max_length:
+        raise ConfigError("input_ids_with_output=False (prompts without answers, for evaluation) needs "
+                          "pack_to_max_length=False")
     source = describe_source(dataset)
     tok = processor = None
     if do_dataset_tokenization:
@@ -79,7 +90,7 @@ def process_hf_dataset(
         if max_length is None:
             raise ConfigError("train_dataset needs max_length")
         tok = build(tokenizer, key="tokenizer")
-        processor = row_processor(tok, max_length, dataset_map_fn, template_map_fn, source, skip_bad_rows)
+        processor = row_processor(tok, max_length, dataset_map_fn, template_map_fn, source, skip_bad_rows, prompt_only)
         if get_rank() == 0:  # a template that is not the tokenizer's chat template: said once
             from lmtune.dataset.template_check import warn_if_unlike_chat_template
 
@@ -90,22 +101,26 @@ def process_hf_dataset(
     return cache.prepared(
         dataset, use_cache, dataset_wait_timeout,
         lambda: _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps,
-                         shuffle_before_pack, pack_to_max_length, pack_strategy, map_num_proc, seed),
+                         shuffle_before_pack, pack_to_max_length, pack_strategy, map_num_proc, seed, holdout),
         lambda stats: _log_stats(source, stats),
         split=split, tokenizer=cache.tokenizer_signature(tok) if tok is not None else None,
         map_fn=map_fn, template_fn=template_fn, max_length=max_length, max_dataset_length=max_dataset_length,
         rename_maps=rename_maps, shuffle_before_pack=shuffle_before_pack, pack=pack_to_max_length,
-        pack_strategy=pack_strategy, tokenize=do_dataset_tokenization, skip_bad_rows=skip_bad_rows, seed=seed)
+        pack_strategy=pack_strategy, tokenize=do_dataset_tokenization, skip_bad_rows=skip_bad_rows, seed=seed,
+        **({"holdout": holdout} if holdout else {}), **({"prompt_only": True} if prompt_only else {}))
 
 
 def _process(dataset, split, processor, source, max_length, max_dataset_length, rename_maps, shuffle_before_pack,
-             pack_to_max_length, pack_strategy, map_num_proc, seed):
+             pack_to_max_length, pack_strategy, map_num_proc, seed, holdout=None):
     """``processor`` None: the rows are tokenized already (``do_dataset_tokenization=False``)."""
     dataset = train_split(build(dataset, key="train_dataset.dataset"), split)
     stats: dict[str, Any] = {"rows": len(dataset)}
     if max_dataset_length is not None and len(dataset) > max_dataset_length:
         dataset = dataset.shuffle(seed=seed).select(range(max_dataset_length))
         stats["subsampled_to"] = max_dataset_length
+    if holdout:
+        dataset = holdout_rows(dataset, holdout, source)
+        stats["holdout"] = f"{holdout['part']} part of val_split={holdout['size']!r}: {len(dataset)} rows"
     for old, new in rename_maps or []:
         dataset = dataset.rename_column(old, new)
 
@@ -171,6 +186,8 @@ def _log_stats(source: str, stats: dict) -> None:
     parts = [f"{stats.get('rows', 0)} rows"]
     if stats.get("subsampled_to") is not None:
         parts.append(f"sub-sampled to {stats['subsampled_to']}")
+    if stats.get("holdout"):
+        parts.append(stats["holdout"])
     for key, text in (("empty", "dropped by the map function"), ("bad", "malformed and skipped"),
                       ("truncated", "longer than max_length (truncated)"),
                       ("no_target", "dropped: nothing to train after truncation")):

@@ -258,6 +258,7 @@ def build_preference_dataset(
     use_cache: bool = True,
     seed: int = 0,
     dataset_wait_timeout: float = 3600,
+    holdout: dict | None = None,
 ):
     """The dataset of preference pairs for ``DPO``, ``ORPO``, ``SimPO`` or ``RewardModel``.
 
@@ -292,20 +293,24 @@ def build_preference_dataset(
     return cache.prepared(
         dataset, use_cache, dataset_wait_timeout,
         lambda: _process(dataset, split, processor, source, max_length, use_varlen_attn, max_packed_length,
-                         shuffle_before_pack, num_proc, seed),
+                         shuffle_before_pack, num_proc, seed, holdout),
         lambda stats: _log_stats(source, stats),
         kind=PAIR_FORMAT, split=split, tokenizer=cache.tokenizer_signature(tok), map_fn=map_fn,
         max_length=max_length, is_reward=is_reward, reward_token_id=reward_token_id,
         reference=max_response_length if is_reference else None,
         pack=max_packed_length if use_varlen_attn else None, shuffle_before_pack=shuffle_before_pack,
-        skip_bad_rows=skip_bad_rows, seed=seed)
+        skip_bad_rows=skip_bad_rows, seed=seed, **({"holdout": holdout} if holdout else {}))
 
 
 def _process(dataset, split, processor, source, max_length, pack, max_packed_length, shuffle_before_pack,
-             num_proc, seed):
+             num_proc, seed, holdout=None):
     import numpy as np
 
+    from lmtune.dataset.holdout import holdout_rows
+
     dataset = train_split(build(dataset, key="train_dataset.dataset"), split)
+    if holdout:
+        dataset = holdout_rows(dataset, holdout, source)
     stats: dict[str, Any] = {"rows": len(dataset), "max_length": max_length}
     # never datasets' own cache of map results: it is keyed by the processor's state, not lmtune's code
     dataset = dataset.map(processor, batched=True, batch_size=1000, with_indices=True, load_from_cache_file=False,

@@ -91,9 +91,12 @@ class RowProcessor:
     """
 
     def __init__(self, map_fn, template_fn, encoder, max_length: int | None, source: str,
-                 skip_bad_rows: bool) -> None:
+                 skip_bad_rows: bool, prompt_only: bool = False) -> None:
         self.map_fn, self.template_fn, self.encoder = map_fn, template_fn, encoder
         self.max_length, self.source, self.skip_bad_rows = max_length, source, skip_bad_rows
+        # XTuner's input_ids_with_output=False: the prompts alone (nothing trained), the raw row's own scalar
+        # fields kept beside them (an evaluation set's answer and subject, as mmlu_collate_fn reads them)
+        self.prompt_only = prompt_only
 
     def _fail(self, staged: StagedRow, stage: str, exc: Exception) -> None:
         staged.status, staged.stage = BAD, stage
@@ -122,6 +125,9 @@ class RowProcessor:
                 return staged
             stage = "template_map_fn"
             staged.templated = self.template_fn(row) if self.template_fn is not None else row
+            if self.prompt_only:
+                staged.templated = {**staged.templated, "conversation": [
+                    {**turn, "output": "", "need_eos_token": False} for turn in staged.templated["conversation"]]}
         except Exception as exc:  # noqa: BLE001 - reported with the row, or counted when skipping
             self._fail(staged, stage, exc)
         return staged
@@ -140,7 +146,7 @@ class RowProcessor:
                             "length": len(encoded["input_ids"])}, self.max_length)
         staged.encoded, staged.truncated = encoded, cut or bool(encoded.get("truncated"))
         labels = encoded["labels"]
-        if len(labels) - 1 - labels[1:].count(IGNORE_INDEX) <= 0:  # nothing to train
+        if not self.prompt_only and len(labels) - 1 - labels[1:].count(IGNORE_INDEX) <= 0:  # nothing to train
             staged.status = NO_TARGET
         return staged
 
@@ -159,6 +165,10 @@ class RowProcessor:
             self._raise_if_bad(row)
         self.encoder.prefetch([row.templated for row in staged if row.status == OK])
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "truncated": []}
+        carried = [name for name in names if name not in out and self.prompt_only
+                   and all(isinstance(v, (str, int, float)) for v in batch[name])]
+        for name in carried:
+            out[name] = list(batch[name])
         for row in staged:
             self.encode(row)
             self._raise_if_bad(row)
@@ -172,13 +182,13 @@ class RowProcessor:
 
 
 def row_processor(tokenizer: Any, max_length: int | None, dataset_map_fn: Any = None, template_map_fn: Any = None,
-                  source: str = "the dataset", skip_bad_rows: bool = False) -> RowProcessor:
+                  source: str = "the dataset", skip_bad_rows: bool = False, prompt_only: bool = False) -> RowProcessor:
     """The ``RowProcessor`` of a ``train_dataset``'s settings (``tokenizer`` built or a config dict)."""
     return RowProcessor(as_function(dataset_map_fn, "train_dataset.dataset_map_fn"),
                         as_function(template_map_fn, "train_dataset.template_map_fn"),
                         # max_length lets the encoder cut a text far longer than it before tokenizing
                         ConversationEncoder(build(tokenizer, key="tokenizer"), max_length),
-                        max_length, source, skip_bad_rows)
+                        max_length, source, skip_bad_rows, prompt_only)
 
 
 __all__ = ["BAD", "EMPTY", "NO_TARGET", "OK", "RowProcessor", "StagedRow", "as_function", "describe_source",
