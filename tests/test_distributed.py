@@ -23,9 +23,11 @@ from conftest import OASST1_ROWS, wait_for_logged_iterations, write_jsonl
 from safetensors.torch import load_file
 
 import lmtune
-from lmtune.config import ConfigError
+from lmtune.config import Config, ConfigError
+from lmtune.config.config import parse_overrides
 from lmtune.engine import checkpoint as ckpt
 from lmtune.engine.optim import StepSettings
+from lmtune.engine.runner import Runner
 from lmtune.engine.strategies import launch
 from lmtune.engine.strategies.deepspeed_config import (
     builtin_deepspeed_configs,
@@ -129,13 +131,29 @@ def check_hooks(work: Path, kind: str) -> None:
     assert (work / "hf" / marker).is_file()
 
 
-def losses(work: Path) -> dict[int, float]:
+def losses(work: Path, key: str = "loss") -> dict[int, float]:
+    """``key`` at each iteration that logged it (the training loss; ``val/loss``: the validation loss)."""
     out: dict[int, float] = {}
     for log in sorted(work.glob("*/scalars.jsonl")):
         for line in log.read_text().splitlines():
             row = json.loads(line)
-            out[row["iter"]] = row["loss"]
+            if key in row:
+                out[row["iter"]] = row[key]
     return out
+
+
+# a held-out split of 7 samples, packed into 3 rows: 2 on rank 0 and 1 on rank 1, so a sharded engine's ranks run
+# different numbers of validation batches; validated before training (the model as loaded) and every 2 iterations
+VALIDATION = ["val_split=7", "val_before_train=True", "val_interval=2"]
+
+
+def assert_same_validation(a: Path, b: Path, rel: float) -> None:
+    """Both runs logged the same validation losses (before training: the same model, so to 1e-6 in fp32)."""
+    va, vb = losses(a, "val/loss"), losses(b, "val/loss")
+    assert sorted(va) == sorted(vb) == [0, 2, 4], (va, vb)
+    assert va[0] == pytest.approx(vb[0], rel=1e-6), (va[0], vb[0])
+    for it in va:
+        assert va[it] == pytest.approx(vb[it], rel=rel), (it, va[it], vb[it])
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -162,7 +180,7 @@ def resume_from_middle(work: Path, resumed: Path, opts: list[str], *flags: str) 
 # ------------------------------------------------------------------ DDP
 
 def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_model_dir, data_dir):
-    opts = _opts(tiny_model_dir, data_dir)
+    opts = _opts(tiny_model_dir, data_dir) + VALIDATION
     train(tmp_path / "two", opts, nproc=2)
     train(tmp_path / "one", opts + ["batch_size=2"], nproc=1)
     two, one = tmp_path / "two", tmp_path / "one"
@@ -173,6 +191,8 @@ def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_mode
     assert sorted(l2) == sorted(l1) == [1, 2, 3, 4]
     for it in l1:
         assert abs(l2[it] - l1[it]) <= 1e-5, (it, l2[it], l1[it])
+    # the validation loss of the split shared over two ranks is that of one process
+    assert_same_validation(two, one, rel=1e-5)
     # resuming a DDP run continues it exactly
     resume_from_middle(two, tmp_path / "resumed", opts)
 
@@ -186,6 +206,7 @@ def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_
 
     # the same loss path on both sides (FSDP2 uses the plain loss: its output head is sharded)
     opts = _opts(tiny_model_dir, data_dir, full=True, accumulative_counts=2, **{"model.loss_chunk_size": 0})
+    opts += VALIDATION
     work = tmp_path / "fsdp"
     train(work, with_hooks(opts), "--strategy", "fsdp2", config=hooks_cfg)
     check_hooks(work, "model")  # generation and export work on sharded weights
@@ -194,6 +215,7 @@ def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_
     # sharded training equals one process with the doubled batch
     train(tmp_path / "one", opts + ["batch_size=2"], nproc=1)
     assert_same_weights(weights(latest), weights(ckpt.find_latest(tmp_path / "one")), atol=1e-5)
+    assert_same_validation(work, tmp_path / "one", rel=1e-5)  # sharded weights, uneven batches per rank
     resume_from_middle(work, tmp_path / "resumed", opts, "--strategy", "fsdp2")
 
     # the sharded optimizer state resumes with the same number of processes only, and says so
@@ -223,9 +245,15 @@ def test_deepspeed_trains_saves_resumes_and_converts(tmp_path, tiny_model_dir, d
     opts = _opts(tiny_model_dir, data_dir, iters=6, lr=1e-2)
     work = tmp_path / "work"
     if name == "deepspeed_zero3":
+        opts += VALIDATION
         done = train(work, with_hooks(opts), "--deepspeed", name, config=hooks_cfg)
         check_hooks(work, "adapter")
         assert "ZeRO-3: 21 of 49 weights were sharded as they loaded" in done.stdout  # frozen base + LoRA added later
+        # validation over sharded weights, the ranks running uneven batches: before training (LoRA's B is zero:
+        # the base model) it is the loss one process computes
+        single = Runner.from_config(Config.fromfile(SEED_CFG, parse_overrides(opts)), work_dir=str(tmp_path / "one"))
+        assert losses(work, "val/loss")[0] == pytest.approx(single.val_loop.run()["val/loss"], rel=1e-6)
+        assert sorted(losses(work, "val/loss")) == [0, 2, 4, 6]
     else:
         train(work, opts, "--deepspeed", name)
     trace = losses(work)

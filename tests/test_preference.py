@@ -8,6 +8,7 @@ the TRL environment; TRL is not installed here).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -425,14 +426,14 @@ def test_precomputed_reference_log_probs_train_as_a_resident_reference_does(tmp_
     pre, rows_pre = preference_run(tmp_path, "pre", "DPO", max_iters=2, **{"model.precompute_ref_log_probs": True})
     model = pre.unwrapped_model
     assert model.ref_llm is None and len(model.reference_table) == 16  # 8 pairs: no second copy, a table
-    assert "Reference log-probabilities of 16 sequences computed" in capsys.readouterr().out
+    assert "Reference log-probabilities of 16 training sequences computed" in capsys.readouterr().out
     a, b = trained(resident), trained(pre)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     for x, y in zip(rows_resident, rows_pre, strict=True):
         assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-6) and x["loss"] == y["loss"]
     # the same reference and data again (a second run, a resumed one): the table comes from lmtune's cache
     again, _ = preference_run(tmp_path, "again", "DPO", max_iters=2, **{"model.precompute_ref_log_probs": True})
-    assert "Reference log-probabilities of 16 sequences loaded from the cache" in capsys.readouterr().out
+    assert "Reference log-probabilities of 16 training sequences loaded from the cache" in capsys.readouterr().out
     assert again.unwrapped_model.reference_table == model.reference_table
     # the key of a sequence is its tokens and labels, whatever row or packing it comes in
     rows = rows_of(TRL["dpo"]["pairs"])
@@ -441,3 +442,19 @@ def test_precomputed_reference_log_probs_train_as_a_resident_reference_does(tmp_
     keys = sequence_keys(one["input_ids"], one["labels"], one["sequence_index"])
     assert len(set(keys)) == 8 and sorted(keys) == sorted(sequence_keys(
         packed_batch["input_ids"], packed_batch["labels"], packed_batch["sequence_index"]))
+
+
+def test_preference_validation_split_with_a_resident_or_a_precomputed_reference(tmp_path):
+    settings = dict(max_iters=2, val_split=2, val_before_train=True, val_interval=1)
+    _, rows_resident = preference_run(tmp_path, "vres", "DPO", **settings)
+    _, rows_pre = preference_run(tmp_path, "vpre", "DPO", **settings, **{"model.precompute_ref_log_probs": True})
+    res = {r["iter"]: r for r in rows_resident if "val/loss" in r}
+    pre = {r["iter"]: r for r in rows_pre if "val/loss" in r}
+    assert sorted(res) == sorted(pre) == [0, 1, 2]
+    # before training the policy is its reference: every margin is 0 and the sigmoid loss is log 2
+    assert res[0]["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res[0]["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    for it in res:  # the held-out pairs' reference from the table, as from the frozen copy (float noise of training)
+        assert res[it]["val/loss"] == pytest.approx(pre[it]["val/loss"], rel=1e-5), it
+        assert res[it]["val/rewards/margins"] == pytest.approx(pre[it]["val/rewards/margins"], abs=1e-5), it
+    assert res[2]["val/loss"] != res[0]["val/loss"]

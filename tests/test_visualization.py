@@ -491,3 +491,31 @@ def test_without_matplotlib_the_plot_is_skipped_at_the_end_and_the_command_says_
     skipped = [line for line in stream.getvalue().splitlines() if "matplotlib" in line]
     assert skipped == ["INFO curves.png not drawn: matplotlib is not installed (pip install matplotlib)"]
     assert not (tmp_path / "log" / "curves.png").exists()
+
+
+def test_validation_rows_join_their_iteration_and_share_the_loss_panel(tmp_path):
+    rows = [row(i, 2.0 - i / 10) for i in (1, 2, 3, 4)]
+    validation = [{"iter": 2, "val/loss": 1.9, "val/ppl": 6.7}, {"iter": 4, "val/loss": 1.7, "val/ppl": 5.5}]
+    merged = plot.merge_parts([(0, rows[:2] + validation[:1] + rows[2:] + validation[1:])])
+    assert [r["iter"] for r in merged] == [1, 2, 3, 4]
+    assert merged[1]["loss"] == pytest.approx(1.8) and merged[1]["val/loss"] == 1.9
+    assert plot.series(merged, "val/loss") == ([2, 4], [1.9, 1.7])
+    assert [p[0] for p in plot.panels_of(merged)][0] == "loss"  # drawn there, not on a panel of its own
+    if plot.have_matplotlib():
+        png = plot.draw(merged, tmp_path / "curves.png")
+        assert png.stat().st_size > 0
+
+
+def test_validation_scalars_reach_the_console_the_jsonl_and_the_visualizer(tmp_path):
+    visualizer = build_visualizer(dict(type=Visualizer, vis_backends=[dict(type=Recorder)]), tmp_path / "log", {})
+    stream = io.StringIO()
+    runner = FakeRunner(tmp_path / "log", stream, max_iters=10, visualizer=visualizer)
+    runner.completed_iters = 4
+    hook = LoggerHook(plot_curves=False)
+    hook.after_val_epoch(runner, {"val/loss": 1.25, "val/ppl": math.exp(1.25), "val/tokens": 300})
+    visualizer.close()
+    rows = read_jsonl(tmp_path / "log" / "scalars.jsonl")
+    assert rows == [{"iter": 4, "val/loss": 1.25, "val/ppl": math.exp(1.25), "val/tokens": 300}]
+    assert "Iter(val) [ 4/10]  val/loss: 1.25  val/ppl: 3.49034  val/tokens: 300" in stream.getvalue()
+    recorder = visualizer.get_backend("Recorder")
+    assert recorder.scalars == [(4, {"val/loss": 1.25, "val/ppl": math.exp(1.25), "val/tokens": 300})]

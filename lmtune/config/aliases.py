@@ -36,6 +36,8 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
     "xtuner.model.reward": ("lmtune.model.reward",),
     "xtuner.parallel": ("lmtune.compat.xtuner.parallel",),
     "xtuner.model.transformers_models": ("lmtune.compat.xtuner.transformers_models",),
+    "xtuner.evaluation": ("lmtune.engine.evaluation",),
+    "xtuner.evaluation.metrics": ("lmtune.engine.evaluation",),
     "xtuner.model.transformers_models.deepseek_v2": ("lmtune.compat.xtuner.transformers_models.deepseek_v2",),
     "xtuner.parallel.sequence": ("lmtune.compat.xtuner.parallel.sequence",),
     "xtuner.utils": ("lmtune.compat.xtuner.utils", "lmtune.core.constants", "lmtune.dataset.templates"),

@@ -29,6 +29,7 @@ from typing import Any
 from lmtune.config.aliases import config_builtins, make_import
 from lmtune.config.build import check_kwargs, import_dotted, is_type_dict, resolve_callable
 from lmtune.config.configdict import ConfigDict
+from lmtune.core.constants import ADDABLE_SETTINGS
 from lmtune.core.errors import ConfigError, nearest
 
 _OVERRIDE_VAR = "__lmtune_overrides__"
@@ -313,7 +314,8 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     base = _load_bases(path, bases) if bases else None
     injector = _InjectOverrides(set(overrides))
     tree = injector.visit(tree)
-    unknown = set(overrides) - injector.seen
+    added = {name: overrides[name] for name in set(overrides) - injector.seen if name in ADDABLE_SETTINGS}
+    unknown = set(overrides) - injector.seen - set(added)
     if unknown:
         name = sorted(unknown)[0]
         known = {n for s in tree.body for n in _assigned_names(s)}
@@ -340,6 +342,7 @@ def _run_config(path: Path, source: str, overrides: dict[str, Any]) -> dict[str,
     skip = _imported_names(tree)
     result = {k: v for k, v in namespace.items()
               if not k.startswith("_") and k not in skip and not isinstance(v, types.ModuleType)}
+    result.update(added)
     if base is not None:  # MMEngine's _base_: this file's settings merged over the bases' (as _base_ left them)
         result = _merge(dict(base), result)
     return result

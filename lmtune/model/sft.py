@@ -129,6 +129,21 @@ class SupervisedFinetune(nn.Module):
         num_tokens = (targets != IGNORE_INDEX).sum()
         return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
 
+    def last_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token logits after each row's last input token (``(rows, vocab)``): what a multiple-choice
+        evaluator reads. One forward over the batch (right-padded rows: a real token never sees the padding
+        after it); the output head runs only on the rows' last positions when the model can be told so."""
+        rows = input_ids.shape[0]
+        lengths = (attention_mask.bool().sum(dim=1) if attention_mask is not None
+                   else torch.full((rows,), input_ids.shape[1], device=input_ids.device))
+        last = (lengths - 1).clamp(min=0)
+        if self._keeps_logits:
+            positions = torch.unique(last)  # sorted
+            logits = self.llm(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+            return logits[torch.arange(rows, device=logits.device), torch.searchsorted(positions, last)]
+        logits = self.llm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[torch.arange(rows, device=logits.device), last]
+
     def _plain_loss(self, input_ids, targets, position_ids, attention_mask) -> torch.Tensor:
         """The model computes the logits of every position that has a label (of any row), then the loss."""
         kwargs: dict[str, Any] = {}

@@ -353,19 +353,19 @@ def _may_be_of(path: Path, run_id: str) -> bool:
     return not meta or meta.get("run_id") == run_id
 
 
-def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | None = None,
+def remove_old(work_dir: str | os.PathLike, keep: int, protect: Path | list[Path] | None = None,
                run_id: str | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints of run ``run_id`` (``keep < 0``: keep all).
 
-    Checkpoints of other runs (and, when ``run_id`` is given, those without a run id) are never touched."""
+    Checkpoints of other runs (and, when ``run_id`` is given, those without a run id) are never touched, nor
+    those in ``protect`` (the one just written; the best one, kept beside the newest ``keep``)."""
     if keep is None or keep < 0:
         return []
+    kept = {Path(p).resolve() for p in ([protect] if isinstance(protect, (str, Path)) else protect or [])}
     complete = list_checkpoints(work_dir, run_id=run_id)
-    doomed = complete[: max(0, len(complete) - keep)]
+    doomed = [path for path in complete[: max(0, len(complete) - keep)] if path.resolve() not in kept]
     removed = []
     for path in doomed:
-        if protect is not None and path.resolve() == protect.resolve():
-            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

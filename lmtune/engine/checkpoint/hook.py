@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 from lmtune.core.dist import is_main_process
 from lmtune.core.errors import ConfigError
 from lmtune.core.hook import Hook
 from lmtune.engine.checkpoint import format as ckpt
+
+BEST_FILE = "best_checkpoint"  # beside last_checkpoint: the name of the best checkpoint of the run
+
+LESS_IS_BETTER = ("loss", "ppl", "perplexity", "error")
+
+
+def metric_rule(metric: str, less_keys: list | tuple = (), greater_keys: list | tuple = ()) -> str:
+    """'less' or 'greater': which way ``metric`` improves (explicit keys first, then its name)."""
+    if metric in less_keys:
+        return "less"
+    if metric in greater_keys:
+        return "greater"
+    return "less" if any(word in metric.lower() for word in LESS_IS_BETTER) else "greater"
 
 
 class CheckpointSaveError(OSError):
@@ -39,12 +54,30 @@ class CheckpointHook(Hook):
                  filename_tmpl: str | None = None, backend_args: dict | None = None,
                  published_keys: list | None = None, save_begin: int = 0,
                  continue_on_error: bool = False) -> None:
-        """MMEngine's arguments are accepted. ``save_best``/``rule``/``greater_keys``/``less_keys`` need
-        validation metrics, which supervised fine-tuning runs here do not produce; a config that sets
-        ``save_best`` is refused rather than silently ignored. ``filename_tmpl``, ``file_client_args``,
-        ``backend_args`` and ``published_keys`` have no effect; ``save_begin`` delays the first save."""
-        if save_best is not None:
-            raise ValueError("save_best needs validation metrics, which lmtune does not compute yet")
+        """MMEngine's arguments are accepted. ``save_best``: the name of a logged evaluation metric
+        (``'val/loss'``, ``'chat/rouge_l'``, ``'mmlu_fs_val/average'``...; ``'auto'``: the first one the first
+        evaluation reports); the checkpoint of the best value so far is kept beside the newest ``max_keep_ckpts``
+        (a checkpoint is saved at the iteration of a new best if none is due there) and named in
+        ``best_checkpoint``. ``rule`` 'less' or 'greater' (default: 'less' for names in ``less_keys`` or holding
+        'loss' or 'ppl', else 'greater'). ``filename_tmpl``, ``file_client_args``, ``backend_args`` and
+        ``published_keys`` have no effect; ``save_begin`` delays the first save."""
+        if isinstance(save_best, (list, tuple)):
+            if len(save_best) != 1:
+                raise ConfigError(f"CheckpointHook save_best: lmtune keeps one best checkpoint; name one metric, got "
+                                  f"{list(save_best)!r}")
+            save_best = save_best[0]
+        if save_best is not None and not isinstance(save_best, str):
+            raise ConfigError(f"CheckpointHook save_best must be a metric name such as 'val/loss', got {save_best!r}")
+        if isinstance(rule, (list, tuple)):
+            rule = rule[0] if rule else None
+        if rule not in (None, "less", "greater"):
+            raise ConfigError(f"CheckpointHook rule must be 'less' or 'greater', got {rule!r}")
+        self.save_best = save_best
+        self.rule = rule
+        self.less_keys = list(less_keys or [])
+        self.greater_keys = list(greater_keys or [])
+        self.best: dict | None = None  # {"metric", "value", "iter", "name"} of the best checkpoint so far
+        self._candidate: dict | None = None  # a new best, kept once its checkpoint is written
         meanings = {"interval": ("save_steps", "no periodic saves"),
                     "max_keep_ckpts": ("save_total_limit", "keeping every checkpoint")}
         for name, value in (("interval", interval), ("max_keep_ckpts", max_keep_ckpts)):
@@ -63,6 +96,56 @@ class CheckpointHook(Hook):
         self.continue_on_error = bool(continue_on_error)
         self._pending = False
 
+    # -- the best checkpoint ---------------------------------------------------
+    def rule_of(self, metric: str) -> str:
+        return self.rule or metric_rule(metric, self.less_keys, self.greater_keys)
+
+    def after_val_epoch(self, runner, metrics: dict) -> None:
+        if self.save_best is None or runner.completed_iters == 0:  # before training: no checkpoint to keep
+            return
+        if self.save_best == "auto":
+            self.save_best = next(iter(metrics))
+        value = metrics.get(self.save_best)
+        if value is None or not math.isfinite(value):
+            return
+        rule = self.rule_of(self.save_best)
+        best = self.best["value"] if self.best is not None else None
+        if best is None or (value < best if rule == "less" else value > best):
+            self._candidate = {"metric": self.save_best, "value": float(value), "iter": runner.completed_iters,
+                               "name": f"iter_{runner.completed_iters}", "rule": rule, "evaluated_at":
+                               runner.completed_iters}
+            self._pending = True  # saved at the end of this optimizer step (now, for validation runs there)
+            if runner.last_saved_iter == runner.completed_iters:  # already written at this iteration
+                self._pending = False
+                self._keep_candidate(runner, runner.last_saved_path)
+
+    def _keep_candidate(self, runner, path) -> None:
+        self.best, self._candidate = self._candidate, None
+        if path is None or not is_main_process():
+            return
+        (path.parent / BEST_FILE).write_text(path.name + "\n", encoding="utf-8")
+        runner.logger.info(f"Best {self.best['metric']} so far: {self.best['value']:.6g} at iteration "
+                           f"{self.best['iter']} ({path})")
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        candidate = self._candidate
+        if candidate is not None:  # a new best: the checkpoint of the step boundary that follows its evaluation
+            candidate.update(iter=runner.completed_iters, name=f"iter_{runner.completed_iters}")
+        best = candidate or self.best
+        if best is not None:
+            checkpoint["trainer"]["best_checkpoint"] = dict(best)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        best = checkpoint.get("trainer", {}).get("best_checkpoint")
+        self.best = dict(best) if best else None
+        if self.best is not None and self.save_best in (None, "auto"):
+            self.save_best = self.best["metric"]
+
+    def _protected(self, path) -> list:
+        if self.best is None or path is None:
+            return [path] if path is not None else []
+        return [path, path.parent / self.best["name"]]
+
     def _save(self, runner, final: bool = False) -> None:
         self._pending = False
         if runner.last_saved_iter == runner.completed_iters:
@@ -72,6 +155,7 @@ class CheckpointHook(Hook):
             runner.logger.warning(f"not saving a checkpoint at iteration {runner.completed_iters}: {bad} "
                                   f"trainable tensors hold NaN/inf (e.g. {example or 'on another rank'}); the "
                                   "previous checkpoints are kept as they are")
+            self._candidate = None  # no checkpoint holds that evaluation's weights
             return
         try:
             path = runner.save_checkpoint(out_dir=self.out_dir, save_optimizer=self.save_optimizer)
@@ -86,8 +170,11 @@ class CheckpointHook(Hook):
                                       "`lmtune train ... --resume`, or set "
                                       "default_hooks.checkpoint.continue_on_error=True to train on "
                                       "without this checkpoint") from exc
+        if self._candidate is not None:
+            self._keep_candidate(runner, path)
         if is_main_process() and path is not None:
-            for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=path, run_id=runner.run_id):
+            for old in ckpt.remove_old(path.parent, self.max_keep_ckpts, protect=self._protected(path),
+                                       run_id=runner.run_id):
                 runner.logger.info(f"Removed old checkpoint {old}")
 
     def save_now(self, runner) -> None:

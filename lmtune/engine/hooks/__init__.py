@@ -11,11 +11,13 @@ from lmtune.engine.checkpoint.hf_hook import HFCheckpointHook
 from lmtune.engine.checkpoint.hook import CheckpointHook
 from lmtune.engine.hooks.basic import DistSamplerSeedHook, IterTimerHook, ParamSchedulerHook
 from lmtune.engine.hooks.chat import DatasetInfoHook, EvaluateChatHook
+from lmtune.engine.hooks.early_stopping import EarlyStoppingHook
 from lmtune.engine.hooks.logger import LoggerHook
 from lmtune.engine.hooks.throughput import ThroughputHook
 
 __all__ = [
-    "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EvaluateChatHook", "HFCheckpointHook", "Hook",
+    "CheckpointHook", "DatasetInfoHook", "DistSamplerSeedHook", "EarlyStoppingHook", "EvaluateChatHook",
+    "HFCheckpointHook", "Hook",
     "IterTimerHook", "LoggerHook", "ParamSchedulerHook", "RunView", "ThroughputHook",
     "VarlenAttnArgsToMessageHubHook",
 ]

@@ -15,6 +15,7 @@ from lmtune.core.hook import Hook
 from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
 from lmtune.dataset.templates import get_template
 from lmtune.engine.chat import ChatSession
+from lmtune.engine.evaluation.answers import ANSWER_METRICS, answer_scores, mean_scores
 
 
 class DatasetInfoHook(Hook):
@@ -81,6 +82,49 @@ class DatasetInfoHook(Hook):
         return "".join(parts)
 
 
+CHAT_PREFIX = "chat/"
+_INPUT_KEYS, _ANSWER_KEYS = ("input", "prompt", "question"), ("answer", "reference", "output")
+
+
+def _inputs_and_references(value: Any) -> tuple[list[str], list[str | None]]:
+    """The prompts of ``evaluation_inputs`` and their reference answers (None where a prompt has none)."""
+    where = "EvaluateChatHook evaluation_inputs (the evaluation_inputs setting)"
+    if isinstance(value, str) and value.endswith(".jsonl"):
+        from pathlib import Path
+
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{where}: {path} does not exist")
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        where, value = str(path), rows
+    elif isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where} must be a list of prompts (strings, or dict(input=..., answer=...)) or a .jsonl "
+                          f"file of such rows, got {value!r}")
+    inputs, references = [], []
+    for number, item in enumerate(value, 1):
+        if isinstance(item, str):
+            inputs.append(item)
+            references.append(None)
+            continue
+        prompt = next((item[k] for k in _INPUT_KEYS if isinstance(item, dict) and k in item), None)
+        answer = next((item[k] for k in _ANSWER_KEYS if isinstance(item, dict) and k in item), None)
+        if not isinstance(prompt, str) or (answer is not None and not isinstance(answer, str)):
+            raise ConfigError(f"{where}: item {number} must be a string or a dict with a string 'input' (or 'prompt') "
+                              f"and optionally a string 'answer' (or 'reference'), got {item!r}")
+        inputs.append(prompt)
+        references.append(answer)
+    return inputs, references
+
+
 @contextlib.contextmanager
 def _nowhere():
     yield None
@@ -98,6 +142,14 @@ class EvaluateChatHook(Hook):
     ``prompt_template`` None or ``'auto'`` (as in training) uses the tokenizer's own
     chat template (``apply_chat_template(add_generation_prompt=True)``) and stops on
     its end-of-turn marker; a tokenizer without a chat template gets the bare input.
+
+    Reference answers: an input may be ``dict(input=..., answer=...)`` (``prompt`` and
+    ``reference``/``output`` are read too), or ``evaluation_inputs`` the path of a
+    ``.jsonl`` file of such rows. Each evaluation then reports ``chat/exact_match``,
+    ``chat/contains`` and ``chat/rouge_l`` (means over the inputs with an answer;
+    ``lmtune.engine.evaluation.answers``): logged and tracked like validation scalars,
+    usable by ``save_best`` and early stopping; each row of ``eval_chat.jsonl`` holds
+    its reference and scores.
     """
 
     priority = "LOW"
@@ -108,11 +160,7 @@ class EvaluateChatHook(Hook):
                  max_new_tokens: int = 600, stop_word: str | None = None, stop_words: list[str] | None = None,
                  generation_kwargs: dict | None = None) -> None:
         self.tokenizer = tokenizer
-        if isinstance(evaluation_inputs, str):
-            evaluation_inputs = [evaluation_inputs]
-        if not isinstance(evaluation_inputs, (list, tuple)) or not all(isinstance(t, str) for t in evaluation_inputs):
-            raise ConfigError(f"EvaluateChatHook evaluation_inputs (the evaluation_inputs setting) must be a list of "
-                              f"strings, got {evaluation_inputs!r}")
+        evaluation_inputs, self.references = _inputs_and_references(evaluation_inputs)
         if system is not None and not isinstance(system, str):
             raise ConfigError(f"EvaluateChatHook system (the SYSTEM setting) must be a string, got {system!r}")
         self.inputs = list(evaluation_inputs)
@@ -169,17 +217,32 @@ class EvaluateChatHook(Hook):
                 runner.logger.info(f"  ... answer {state['index'] + 1}/{count}: {tokens} of at most "
                                    f"{self.max_new_tokens} tokens so far")
 
+        scores = []
         with open(runner.log_dir / "eval_chat.jsonl", "a", encoding="utf-8") if main else _nowhere() as fh:
-            for index, (text, (answer, tokens)) in enumerate(zip(self.inputs, self.answers(runner, progress))):
+            answers = self.answers(runner, progress)
+            for index, (text, reference, (answer, tokens)) in enumerate(zip(self.inputs, self.references, answers)):
                 state["index"], state["since"] = index + 1, time.monotonic()
+                record = {"iter": runner.completed_iters, "when": when, "input": text, "output": answer,
+                          "new_tokens": tokens}
+                if reference is not None:  # every rank generated the same answer: every rank scores it alike
+                    record["reference"] = reference
+                    record.update(answer_scores(answer, reference))
+                    scores.append(record)
                 if not main:
                     continue
-                runner.logger.info(f"  Q: {text}\n  A: {answer}")
-                fh.write(json.dumps({"iter": runner.completed_iters, "when": when, "input": text,
-                                     "output": answer, "new_tokens": tokens}, ensure_ascii=False) + "\n")
+                runner.logger.info(f"  Q: {text}\n  A: {answer}" + (f"\n  reference: {reference}"
+                                                                   if reference is not None else ""))
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 fh.flush()
         if main and time.monotonic() - started >= self.HEARTBEAT_S:
             runner.logger.info(f"Evaluate chat ({when}) took {time.monotonic() - started:.0f} s")
+        if scores:
+            runner.report_metrics({f"{CHAT_PREFIX}{name}": value for name, value in mean_scores(scores).items()})
+
+    def metric_names(self) -> list[str]:
+        """What each evaluation reports (with reference answers)."""
+        return [f"{CHAT_PREFIX}{name}" for name in ANSWER_METRICS] if any(r is not None for r in self.references) \
+            else []
 
     def before_train(self, runner) -> None:
         self._evaluate(runner, "before training")

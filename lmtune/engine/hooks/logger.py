@@ -351,6 +351,31 @@ class LoggerHook(Hook):
         if visualizer is not None:
             visualizer.add_scalars({k: v for k, v in scalars.items() if k != "iter"}, step=scalars["iter"])
 
+    def after_val_epoch(self, runner, metrics: dict) -> None:
+        """Evaluation scalars (validation, answer metrics) at the iteration they were measured: one console line,
+        a ``scalars.jsonl`` row of their own (``{"iter": N, "val/loss": ...}``) and the visualizer."""
+        if not is_main_process() or not metrics:
+            return
+        done = runner.completed_iters
+        scalars = {"iter": done, **{key: value if isinstance(value, int) else float(value)
+                                    for key, value in metrics.items()}}
+        width = len(str(runner.max_iters))
+        parts = [f"Iter(val) [{done:>{width}}/{runner.max_iters}]"]
+        parts += [f"{key}: {value:.6g}" if not isinstance(value, int) else f"{key}: {value}"
+                  for key, value in metrics.items()]
+        hub = getattr(runner, "message_hub", None)
+        seconds = hub.get("val_time") if hub is not None else None
+        if seconds is not None:  # a validation pass (answer metrics come without): how long it took
+            hub.update("val_time", None)
+            parts.append(f"time: {seconds:.3f}s")
+        runner.logger.info("  ".join(parts))
+        self._path = runner.log_dir / "scalars.jsonl"
+        with open(self._path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(scalars) + "\n")
+        visualizer = getattr(runner, "visualizer", None)
+        if visualizer is not None:
+            visualizer.add_scalars({k: v for k, v in scalars.items() if k != "iter"}, step=max(done, 0))
+
     def after_train(self, runner) -> None:
         self._stop_bar()
         if self.plot_curves and is_main_process():

@@ -31,6 +31,8 @@ PANELS = (("loss", "loss", False), ("lr", "learning rate", False), ("grad_norm",
           ("rewards/margins", "reward margin (chosen - rejected)", False),
           ("rewards/accuracies", "reward accuracy (chosen > rejected)", False))
 SPEED_FALLBACK = ("time", "time per iteration (s)", False)
+# drawn on the panel of the training quantity they measure: (key, legend)
+OVERLAYS = {"loss": ("val/loss", "validation")}
 
 _LOG_DIR_NAME = re.compile(r"^(\d{8}_\d{6})(?:_(\d+))?$")
 _RESUMED = re.compile(r"Resumed from .* at iteration (\d+)")  # the Runner logs it before training starts
@@ -128,7 +130,8 @@ def _resumed(later: Path, earlier: Path) -> bool:
 
 
 def merge_parts(parts: list[tuple[int | None, list[dict]]]) -> list[dict]:
-    """Join the rows of a run's parts, oldest first, into one row per iteration in iteration order.
+    """Join the rows of a run's parts, oldest first, into one row per iteration in iteration order (a training
+    row and the evaluation row of the same iteration become one).
 
     Each part is ``(resume_iter, rows)``: rows logged before a later part after its resume point are
     dropped (that stretch was trained again); with no resume point known, everything from the later part's
@@ -140,7 +143,7 @@ def merge_parts(parts: list[tuple[int | None, list[dict]]]) -> list[dict]:
         cut = start if start is not None else rows[0]["iter"] - 1
         merged = {it: row for it, row in merged.items() if it <= cut}
         for row in rows:
-            merged[row["iter"]] = row
+            merged.setdefault(row["iter"], {}).update(row)
     return [merged[it] for it in sorted(merged)]
 
 
@@ -194,7 +197,12 @@ def draw(rows: list[dict], out: str | Path, title: str | None = None, resumes: l
     try:
         for ax, (key, name, log) in zip(axes.flat, panels):
             xs, ys = series(rows, key)
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, linewidth=1.2)
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, linewidth=1.2, label="train")
+            overlay = OVERLAYS.get(key)
+            if overlay is not None and series(rows, overlay[0])[0]:  # validation on the training quantity's axis
+                vx, vy = series(rows, overlay[0])
+                ax.plot(vx, vy, marker="o", linewidth=1.2, label=overlay[1])
+                ax.legend(loc="best", fontsize="small")
             ax.set_title(name)
             ax.set_xlabel("iteration")
             ax.grid(True, alpha=0.3)

@@ -66,10 +66,17 @@ class TrainLoop:
     micro-batch loss is divided by the number of target tokens of its whole
     step on all ranks, so a step's gradient is that of the mean over all of
     its tokens, however they are split into micro-batches and ranks.
+
+    With a validation set (``runner.val_loop``), the run validates every
+    ``val_interval`` iterations from ``val_begin`` on and at its last iteration,
+    at the end of the optimizer step holding that iteration and before that
+    iteration's hooks (so a checkpoint saved there holds what the validation
+    decided). A hook may end the run early (``stop``, early stopping) at a step
+    boundary.
     """
 
     def __init__(self, runner, dataloader, max_epochs: int | None = None, max_iters: int | None = None,
-                 val_begin: int = 1, val_interval: int = 1, accumulative_counts: int = 1) -> None:
+                 val_begin: int = 1, val_interval: int | None = None, accumulative_counts: int = 1) -> None:
         self.runner = runner
         self.dataloader = dataloader
         self.iters_per_epoch = len(dataloader)
@@ -82,6 +89,22 @@ class TrainLoop:
         self.iter_in_epoch = 0
         self.in_after_iter = 0  # 1 while after_train_iter hooks run: that iteration is complete
         self.at_step_boundary = True  # the last micro-batch run ended an optimizer step
+        for name, value in (("val_interval", val_interval), ("val_begin", val_begin)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"train_cfg.{name} must be a positive integer (iterations), got {value!r}")
+        self.val_interval = val_interval  # None: the runner's default (save_steps)
+        self.val_begin = val_begin
+        self._val_pending = False
+        self.stop_reason: str | None = None  # set by stop(): the run ends after the current step
+
+    def stop(self, reason: str) -> None:
+        """End the run at the end of the current optimizer step (its hooks and checkpoint still run)."""
+        self.stop_reason = reason
+
+    def _validation_due(self, completed: int) -> bool:
+        if getattr(self.runner, "val_loop", None) is None or not self.val_interval or completed < self.val_begin:
+            return False
+        return completed % self.val_interval == 0 or completed >= self.max_iters
 
     @property
     def completed_iters(self) -> int:
@@ -102,8 +125,13 @@ class TrainLoop:
     def run(self):
         runner = self.runner
         runner.call_hook("before_train")
-        while self.iter < self.max_iters and self.epoch < self.max_epochs:
+        val_loop = getattr(runner, "val_loop", None)
+        if val_loop is not None and val_loop.val_before_train and self.iter == 0:
+            runner.validate()
+        while self.iter < self.max_iters and self.epoch < self.max_epochs and self.stop_reason is None:
             self.run_epoch()
+        if self.stop_reason is not None:
+            runner.logger.info(f"Training stopped at iteration {self.iter} of {self.max_iters}: {self.stop_reason}")
         runner.call_hook("after_train")
         return runner.model
 
@@ -121,13 +149,13 @@ class TrainLoop:
         runner = self.runner
         runner.call_hook("before_train_epoch")
         batches = self._batches()
-        while self.iter_in_epoch < self.iters_per_epoch and self.iter < self.max_iters:
+        while self.iter_in_epoch < self.iters_per_epoch and self.iter < self.max_iters and self.stop_reason is None:
             group_end = step_end(self.iter_in_epoch, self.iters_per_epoch, self.accumulative_counts,
                                  self.max_iters - self.iter)
             group = [next(batches) for _ in range(group_end - self.iter_in_epoch)]
             self.run_step(group)
         if self.iter_in_epoch < self.iters_per_epoch:
-            return  # stopped by max_iters inside the epoch: a resume with more iterations continues it
+            return  # stopped by max_iters (or a hook) inside the epoch: a resume with more iterations continues it
         runner.call_hook("after_train_epoch")
         self.epoch += 1
         self.iter_in_epoch = 0
@@ -185,6 +213,10 @@ class TrainLoop:
                     self._report_skipped(outputs)
             self.at_step_boundary = last
             self.in_after_iter = 1
+            self._val_pending = self._val_pending or self._validation_due(self.iter + 1)
+            if last and self._val_pending:
+                self._val_pending = False
+                runner.validate()
             runner.call_hook("after_train_iter", batch_idx=self.iter_in_epoch, data_batch=batch,
                              outputs=outputs)
             self.iter += 1
@@ -193,27 +225,38 @@ class TrainLoop:
 
     @staticmethod
     def _outputs(out: dict, terms: dict, units: dict) -> dict:
-        """The micro-batch's loss over all ranks (as in one process), and its metrics.
-
-        ``loss``: each term over its unit's count, summed; ``loss_sum`` and ``num_tokens``: that loss times the
-        count of the first term's unit, and the count (so a window of iterations averages them as one batch).
-        ``metrics``: the model's per-pair sums, as ``{name: (sum, pairs)}`` of all ranks.
-        """
-        metrics = out.get("metrics") or {}
-        local = [t.detach().float().reshape(()) for t in terms.values()]
-        local += [torch.tensor(float(units[unit]), device=local[0].device) for unit in terms]
-        local += [m.detach().float().reshape(()) for m in metrics.values()]
-        local.append(torch.tensor(float(units.get("pairs", 0)), device=local[0].device))
-        values = torch.stack(local)
+        """The micro-batch's loss over all ranks (as in one process), and its metrics (``combine_sums``)."""
+        values = local_sums(out, terms, units)
         if get_world_size() > 1:
             values = all_reduce_sum(values)
-        values = values.tolist()
-        n = len(terms)
-        sums, counts, metric_sums, pairs = values[:n], values[n:2 * n], values[2 * n:-1], values[-1]
-        loss = sum(total / max(count, 1.0) for total, count in zip(sums, counts))
-        primary = counts[0]
-        loss_sum = sums[0] if n == 1 else loss * primary
-        outputs = {"loss": loss, "loss_sum": loss_sum, "num_tokens": int(primary)}
-        if metrics:
-            outputs["metrics"] = {name: (total, pairs) for name, total in zip(metrics, metric_sums)}
-        return outputs
+        return combine_sums(values.tolist(), list(terms), list(out.get("metrics") or {}))
+
+
+def local_sums(out: dict, terms: dict, units: dict) -> torch.Tensor:
+    """One batch's loss terms, the counts of their units, the model's metric sums and its pairs, as one fp64
+    vector: summed over batches and ranks, then read by ``combine_sums``."""
+    metrics = out.get("metrics") or {}
+    local = [t.detach().double().reshape(()) for t in terms.values()]
+    device = local[0].device
+    local += [torch.tensor(float(units[unit]), dtype=torch.float64, device=device) for unit in terms]
+    local += [m.detach().double().reshape(()) for m in metrics.values()]
+    local.append(torch.tensor(float(units.get("pairs", 0)), dtype=torch.float64, device=device))
+    return torch.stack(local)
+
+
+def combine_sums(values: list[float], terms: list[str], metrics: list[str]) -> dict:
+    """The loss and metrics of summed ``local_sums`` vectors.
+
+    ``loss``: each term over its unit's count, summed; ``loss_sum`` and ``num_tokens``: that loss times the
+    count of the first term's unit, and the count (so a window of iterations averages them as one batch).
+    ``metrics``: the model's per-pair sums, as ``{name: (sum, pairs)}``.
+    """
+    n = len(terms)
+    sums, counts, metric_sums, pairs = values[:n], values[n:2 * n], values[2 * n:-1], values[-1]
+    loss = sum(total / max(count, 1.0) for total, count in zip(sums, counts))
+    primary = counts[0]
+    loss_sum = sums[0] if n == 1 else loss * primary
+    outputs = {"loss": loss, "loss_sum": loss_sum, "num_tokens": int(primary)}
+    if metrics:
+        outputs["metrics"] = {name: (total, pairs) for name, total in zip(metrics, metric_sums)}
+    return outputs

@@ -35,25 +35,32 @@ OPTIMIZER_HPARAMS = {"betas", "eps", "momentum", "dampening", "nesterov", "amsgr
                      "lambd", "t0", "etas", "step_sizes"}
 
 
-def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method: str | None = None) -> DataLoader:
-    """The train dataloader of ``train_dataloader`` (a DataLoader, or its config); its sampler is seeded with
-    ``seed``."""
+def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method: str | None = None,
+                     key: str = "train_dataloader") -> DataLoader:
+    """The dataloader of ``cfg`` (a DataLoader, or its config); its sampler is seeded with ``seed``.
+
+    ``key`` 'val_dataloader': every rank reads its own share of the rows once, in order, none repeated
+    (``DefaultSampler(shuffle=False, round_up=False)``, whatever sampler the config names), so a sum over the
+    split counts each row once."""
     if cfg is None:
-        raise ConfigError("the config has no train_dataloader")
+        raise ConfigError(f"the config has no {key}")
     if isinstance(cfg, DataLoader):
         return cfg
     cfg = dict(cfg)
     if "dataset" not in cfg:
-        raise ConfigError("train_dataloader has no dataset")
-    dataset = build(cfg.pop("dataset"), key="train_dataloader.dataset")
-    sampler = build(cfg.pop("sampler", None) or dict(type=DefaultSampler, shuffle=True),
-                    key="train_dataloader.sampler", dataset=dataset, seed=seed)
+        raise ConfigError(f"{key} has no dataset")
+    dataset = build(cfg.pop("dataset"), key=f"{key}.dataset")
+    sampler_cfg = cfg.pop("sampler", None) or dict(type=DefaultSampler, shuffle=True)
+    if key == "val_dataloader":
+        sampler_cfg = dict(type=DefaultSampler, shuffle=False, round_up=False)
+        cfg.pop("batch_sampler", None)
+    sampler = build(sampler_cfg, key=f"{key}.sampler", dataset=dataset, seed=seed)
     collate_cfg = cfg.pop("collate_fn", None) or dict(type=default_collate_fn)
     collate = collate_cfg
     if isinstance(collate_cfg, dict):
         collate_cfg = dict(collate_cfg)
-        fn = resolve_callable(collate_cfg.pop("type"), "train_dataloader.collate_fn")
-        check_kwargs(fn, collate_cfg, "train_dataloader.collate_fn")
+        fn = resolve_callable(collate_cfg.pop("type"), f"{key}.collate_fn")
+        check_kwargs(fn, collate_cfg, f"{key}.collate_fn")
         collate = partial(fn, **collate_cfg)
     batch_sampler = cfg.pop("batch_sampler", None)
     if batch_sampler is not None:  # MMEngine style: batch_sampler=dict(type=BatchSampler, batch_size=...)
@@ -61,7 +68,7 @@ def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method:
         if isinstance(bs_cfg, dict):
             bs_cfg.setdefault("batch_size", cfg.get("batch_size", 1))
             bs_cfg.setdefault("drop_last", bool(cfg.get("drop_last", False)))
-            batch_sampler = build(bs_cfg, key="train_dataloader.batch_sampler", sampler=sampler)
+            batch_sampler = build(bs_cfg, key=f"{key}.batch_sampler", sampler=sampler)
         for key in ("batch_size", "shuffle", "drop_last"):
             cfg.pop(key, None)
     workers = int(cfg.get("num_workers", 0))
@@ -72,7 +79,7 @@ def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method:
     cfg.setdefault("pin_memory", device.type == "cuda")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    check_kwargs(DataLoader.__init__, cfg, "train_dataloader")
+    check_kwargs(DataLoader.__init__, cfg, key)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, generator=generator, **cfg)
     return DataLoader(dataset, sampler=sampler, collate_fn=collate, generator=generator, **cfg)

@@ -28,6 +28,14 @@ from lmtune.engine.runner.parts import (
 )
 from lmtune.engine.runner.setup import MessageHub, check_top_level_keys, set_random_seed, setup_logger
 from lmtune.engine.runner.stop import RunStopped, StopRequests, StopTraining
+from lmtune.engine.runner.validation import (
+    apply_save_best,
+    build_val_loop,
+    check_monitors,
+    data_configs,
+    evaluation_hooks,
+    val_interval,
+)
 from lmtune.engine.strategies import build_strategy
 
 logger = logging.getLogger("lmtune")
@@ -88,7 +96,9 @@ class Runner:
 
         # hooks first: their settings are checked before any data or weights are loaded, and the checkpoint
         # hook says where this run's checkpoints are
-        self.hooks = build_hooks(cfg.get("default_hooks"), cfg.get("custom_hooks"), self.device)
+        self.hooks = build_hooks(cfg.get("default_hooks"), list(cfg.get("custom_hooks") or []) + evaluation_hooks(cfg),
+                                 self.device)
+        apply_save_best(cfg, self.hooks)
         self.checkpointer.directory = self._checkpoint_dir()
         self._lock_dirs()
         self.checkpointer.settings = resume_settings(cfg)
@@ -120,12 +130,16 @@ class Runner:
         # what an optimizer step is, and the optimizer's and schedules' values: checked before any data loads
         step = StepSettings.from_config(cfg.get("optim_wrapper"))
         check_optimizer_and_schedule(cfg.get("optim_wrapper"), cfg.get("param_scheduler"))
-        self.train_dataloader = build_dataloader(cfg.get("train_dataloader"), self.seed, self.device,
-                                                 self.mp_start_method)
+        train_loader_cfg, val_loader_cfg = data_configs(cfg)
+        self.train_dataloader = build_dataloader(train_loader_cfg, self.seed, self.device, self.mp_start_method)
+        self.val_dataloader = None
+        if val_loader_cfg is not None:
+            self.val_dataloader = build_dataloader(val_loader_cfg, self.seed, self.device, self.mp_start_method,
+                                                   key="val_dataloader")
         self.strategy.configure(micro_batch_size(self.train_dataloader), step)  # DeepSpeed fills its JSON
         model = self._build_model(self.strategy.model_config(cfg.get("model")))
         if getattr(model, "precompute_ref_log_probs", False):
-            self._precompute_reference(model, cfg)
+            self._precompute_reference(model, cfg, train_loader_cfg, val_loader_cfg)
         # checkpoint weights go into the plain model, before it is wrapped or sharded
         if self._resume_state is not None:
             self.checkpointer.check_strategy(self.resume_from, self._resume_state)
@@ -144,10 +158,23 @@ class Runner:
         train_cfg.setdefault("type", TrainLoop)
         self.train_loop = build(train_cfg, key="train_cfg", runner=self, dataloader=self.train_dataloader,
                                 accumulative_counts=self.optim_wrapper.accumulative_counts)
+        self.val_loop = build_val_loop(cfg, self, self.val_dataloader)
+        if self.val_loop is not None:
+            self.train_loop.val_interval = val_interval(cfg, self.train_loop.val_interval, self._save_steps(),
+                                                        self.train_loop.iters_per_epoch)
+            self.logger.info(f"Validation: {len(self.val_dataloader.dataset):,} row(s), every "
+                             f"{self.train_loop.val_interval} iterations and at the end")
+        check_monitors(self)
 
         if self._resume_state is not None:
             self.checkpointer.restore(self.resume_from, self._resume_state)
         self._resume_state = None
+
+    def _save_steps(self) -> int | None:
+        from lmtune.engine.checkpoint.hook import CheckpointHook
+
+        hook = next((h for h in self.hooks if isinstance(h, CheckpointHook)), None)
+        return hook.interval if hook is not None and not hook.by_epoch and hook.interval > 0 else None
 
     def _lock_dirs(self) -> None:
         """Rank 0 locks the work dir (and a separate checkpoint dir) for the life of the run; every rank
@@ -255,21 +282,30 @@ class Runner:
                 seed = int(value)
         return int(seed)
 
-    def _precompute_reference(self, model: Any, cfg: Config) -> None:
-        """DPO's ``precompute_ref_log_probs``: the reference log-probabilities of the training sequences, from
-        lmtune's cache when the same reference and data made them before (a resumed run, a second run), else
-        computed now with the model as built, which is the reference (checkpoint weights are loaded after)."""
+    def _precompute_reference(self, model: Any, cfg: Config, train_loader_cfg: Any, val_loader_cfg: Any) -> None:
+        """DPO's ``precompute_ref_log_probs``: the reference log-probabilities of the training sequences (and of
+        the validation split's), from lmtune's cache when the same reference and data made them before (a
+        resumed run, a second run), else computed now with the model as built, which is the reference
+        (checkpoint weights are loaded after)."""
         from lmtune.dataset import cache
 
-        model_cfg, loader_cfg = dict(cfg.get("model") or {}), dict(cfg.get("train_dataloader") or {})
-        key = cache.cache_key(kind="reference log-probs 1", reference=model_cfg.get("ref_llm") or model_cfg.get("llm"),
-                              lora=model_cfg.get("lora") is not None, dataset=loader_cfg.get("dataset"),
-                              collate=loader_cfg.get("collate_fn"))
-        count, loaded = model.precompute_reference(self.train_dataloader, self.device,
-                                                   cache_file=cache.cache_root() / f"{key}.reference.pt")
-        self.logger.info(f"Reference log-probabilities of {count:,} sequences "
-                         + ("loaded from the cache" if loaded else "computed")
-                         + " (precompute_ref_log_probs=True): no reference model is resident during training")
+        model_cfg = dict(cfg.get("model") or {})
+        table: dict = {}
+        parts = [("training", self.train_dataloader, dict(train_loader_cfg or {}))]
+        if self.val_dataloader is not None:
+            parts.append(("validation", self.val_dataloader, dict(val_loader_cfg or {})))
+        for what, loader, loader_cfg in parts:
+            key = cache.cache_key(kind="reference log-probs 1",
+                                  reference=model_cfg.get("ref_llm") or model_cfg.get("llm"),
+                                  lora=model_cfg.get("lora") is not None, dataset=loader_cfg.get("dataset"),
+                                  collate=loader_cfg.get("collate_fn"))
+            count, loaded = model.precompute_reference(loader, self.device,
+                                                       cache_file=cache.cache_root() / f"{key}.reference.pt")
+            table.update(model.reference_table)
+            self.logger.info(f"Reference log-probabilities of {count:,} {what} sequences "
+                             + ("loaded from the cache" if loaded else "computed")
+                             + " (precompute_ref_log_probs=True): no reference model is resident during training")
+        model.reference_table = table
 
     def _build_model(self, cfg: Any) -> torch.nn.Module:
         if cfg is None:
@@ -329,6 +365,25 @@ class Runner:
     def call_hook(self, name: str, **kwargs: Any) -> None:
         for hook in self.hooks:
             getattr(hook, name)(self, **kwargs)
+
+    # -- validation --------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """One pass of the validation loop (every rank); its metrics go to the hooks (``after_val_epoch``)."""
+        self.call_hook("before_val_epoch")
+        metrics = self.val_loop.run()
+        self.message_hub.update("val_time", self.val_loop.last_seconds)  # for the log line; read once
+        self.report_metrics(metrics)
+        return metrics
+
+    def report_metrics(self, metrics: dict[str, float]) -> None:
+        """Evaluation scalars (validation, answer metrics): logged, tracked, and seen by save_best and early
+        stopping, through ``after_val_epoch``."""
+        if metrics:
+            self.call_hook("after_val_epoch", metrics=metrics)
+
+    def stop_training(self, reason: str) -> None:
+        """End the run after the current optimizer step (early stopping)."""
+        self.train_loop.stop(reason)
 
     # -- checkpoints (the Checkpointer owns them) -------------------------
     def save_checkpoint(self, out_dir: str | None = None, save_optimizer: bool = True) -> Path | None:

@@ -21,7 +21,12 @@ logger = logging.getLogger("lmtune")
 RUNNER_KEYS = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
                "default_hooks", "custom_hooks", "env_cfg", "visualizer", "log_level", "load_from", "resume",
                "randomness", "log_processor", "work_dir", "launcher", "default_scope", "strategy",
-               "sequence_parallel_size", "model_resource"}
+               "sequence_parallel_size", "model_resource",
+               # validation (MMEngine's names, and lmtune's one-line forms)
+               "val_dataloader", "val_cfg", "val_evaluator", "val_dataset", "val_split", "val_interval",
+               "val_before_train", "save_best", "early_stopping",
+               # accepted for MMEngine configs; `lmtune train` runs no test stage (nor does `xtuner train`)
+               "test_dataloader", "test_cfg", "test_evaluator"}
 
 
 def check_top_level_keys(cfg: dict) -> None:
