@@ -272,3 +272,21 @@ def test_check_fetches_the_model_of_model_resource_first(tiny_model_dir, data_di
     report, out = _check(cfg, rows=4)
     assert calls == ["internlm/internlm2-chat-7b"] and report.problems == []
     assert f"from {tiny_model_dir}:" in out and report.model.total_params > 0
+
+
+def test_the_check_reports_validation_sizes_cost_and_bad_settings(tiny_model_dir, data_dir):
+    report, text = _check(_cfg(tiny_model_dir, data_dir, val_split=4, save_steps=3, pack_to_max_length=False,
+                               save_best="val/loss"))
+    assert report.problems == []
+    assert "val_split=4 (seed 0): 4 rows held out for validation, 20 left to train on" in text
+    # 24 rows unpacked at batch 1: 20 to train, 4 to validate; one pass of 4 forward-only batches
+    assert report.rows == 20
+    assert "validation rows: ~4; 4 batch(es) of 1 per device" in text
+    assert "one pass: about the time of 1.0 training iteration(s)" in text  # 4 x 1/4 (checkpointing on)
+    assert "every 3 iterations and at the end: about 33.3% more training time" in text
+    assert "watched: val/loss" in text
+    for settings, problem in ((dict(val_split=0.01), "holds out 0 of the 24 rows"),
+                              (dict(val_split=4, val_interval=0), "val_interval must be a positive integer"),
+                              (dict(save_best="val/loss"), "'val/loss' is watched (save_best / early_stopping) but")):
+        problems = run_check(_cfg(tiny_model_dir, data_dir, **settings), io.StringIO(), rows=4)
+        assert any(problem in p for p in problems), (settings, problems)

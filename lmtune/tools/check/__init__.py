@@ -28,6 +28,7 @@ from lmtune.tools.check.data import _check_template, _data, _tokenizer_cfg
 from lmtune.tools.check.memory import GIB, _optimizer_states, estimate_memory, human_bytes, resolve_engine
 from lmtune.tools.check.model import ModelFacts, _model_cfg, _weight_bytes, build_meta_model
 from lmtune.tools.check.report import CheckReport, Writer, _clip
+from lmtune.tools.check.validation import check_validation
 
 DEFAULT_ROWS = 200
 
@@ -198,9 +199,16 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
                                    f"{gpu_memory_gib:g} GiB given with --gpu-memory: lower batch_size or max_length, "
                                    "turn activation checkpointing on, use QLoRA or shard with --deepspeed")
 
+    # -- validation
+    world = engine.nproc
+    first_iters = math.ceil(math.ceil(est_rows / world) / batch) if est_rows else None
+    est_rows = check_validation(report, w, cfg, ds_cfgs,
+                                lambda configs: _data(report, w, configs, tokenizer, rows,
+                                                      facts.vocab if facts else None, sample=False)[0],
+                                checkpointing, world, est_rows, first_iters)
+
     # -- schedule
     w.section("schedule")
-    world = engine.nproc
     w.line(f"{batch} row(s) per device x {accum} accumulation step(s) x {world} device(s) = {batch * accum * world} "
            "rows per optimizer step")
     train_cfg = dict(cfg.get("train_cfg") or {})

@@ -91,8 +91,9 @@ def _check_template(report: CheckReport, w: Writer, cfg: Any, ds_cfgs: list[dict
 
 
 def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, rows: int,
-          vocab: int | None) -> tuple[float | None, bool]:
-    """Process the first ``rows`` rows of each dataset; the estimated number of training rows."""
+          vocab: int | None, sample: bool = True) -> tuple[float | None, bool]:
+    """Process the first ``rows`` rows of each dataset; the estimated number of rows they make. ``sample``: the
+    first sample becomes the report's (the training data's; not a validation set's)."""
     from lmtune.dataset.huggingface import process_hf_dataset
     from lmtune.dataset.preference import build_preference_dataset
     from lmtune.dataset.stages import describe_source, train_split
@@ -104,7 +105,7 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
         ds_cfg = dict(ds_cfg)
         fn = resolve_callable(ds_cfg.pop("type"), "train_dataset")
         if fn is build_preference_dataset:
-            est = _pairs(report, w, n, ds_cfg, tokenizer, rows, vocab)
+            est = _pairs(report, w, n, ds_cfg, tokenizer, rows, vocab, sample)
             total_est = None if est is None or total_est is None else total_est + est[0]
             exact = exact and est is not None and est[1]
             continue
@@ -149,7 +150,7 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
             report.problems.append(f"dataset {source}: token id {biggest} is outside the model's embedding table "
                                    f"({vocab} rows): pass tokenizer=... to the model so that it resizes "
                                    "its embeddings, or use the model's own tokenizer")
-        if n == 0 and len(samples):
+        if sample and n == 0 and len(samples):
             report.sample_text = tokenizer.decode(samples[0]["input_ids"])
             report.sample_trained = DatasetInfoHook.render_labels(tokenizer, samples[0]["labels"])
         pack = ds_cfg.get("pack_to_max_length", True)
@@ -174,8 +175,8 @@ def _data(report: CheckReport, w: Writer, ds_cfgs: list[dict], tokenizer: Any, r
     return total_est, exact
 
 
-def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, tokenizer: Any, rows: int, vocab: int | None
-           ) -> tuple[float, bool] | None:
+def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, tokenizer: Any, rows: int, vocab: int | None,
+           sample: bool = True) -> tuple[float, bool] | None:
     """``_data`` for preference pairs: the first ``rows`` rows as training makes them; (estimated training rows,
     exact), or None when they cannot be made."""
     from lmtune.dataset.preference import build_preference_dataset
@@ -203,7 +204,7 @@ def _pairs(report: CheckReport, w: Writer, n: int, ds_cfg: dict, tokenizer: Any,
     if vocab is not None and biggest >= vocab:
         report.problems.append(f"dataset {source}: token id {biggest} is outside the model's embedding table "
                                f"({vocab} rows): use the model's own tokenizer")
-    if n == 0 and len(pairs):
+    if sample and n == 0 and len(pairs):
         row = pairs[0]
         chosen = row["num_tokens"][0]
         report.sample_text = (tokenizer.decode(row["input_ids"][:chosen]) + "\n[rejected]\n"
