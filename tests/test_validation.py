@@ -53,7 +53,8 @@ def config(model_dir: str, data_dir: str, **settings) -> Config:
 def val_loader(cfg: Config, data_dir: str, pack: bool, batch_size: int) -> dict:
     dataset = {**cfg.train_dataloader.dataset, "dataset": {**cfg.train_dataloader.dataset.dataset, "path": data_dir},
                "pack_to_max_length": pack}
-    return dict(batch_size=batch_size, dataset=dataset, collate_fn=dict(type=default_collate_fn))
+    # drop_last as a training loader may have it: validation still reads every row
+    return dict(batch_size=batch_size, dataset=dataset, collate_fn=dict(type=default_collate_fn), drop_last=True)
 
 
 def scalars(runner: Runner) -> list[dict]:
@@ -156,11 +157,17 @@ def test_validation_and_answer_metrics_leave_training_unchanged(tmp_path, tiny_m
 
 def _stopping_config(model_dir: str, data: dict, **settings) -> Config:
     # 'greater' on a falling loss: the first evaluation stays the best, so the run stops after `patience` more
+    from lmtune.engine.hooks import EvaluateChatHook
+
     cfg = config(model_dir, data["train"], val_interval=2, save_steps=2, lr=1e-2, batch_size=1,
                  save_best="val/loss", early_stopping=dict(monitor="val/loss", rule="greater", patience=2,
-                                                           min_delta=0.0), **settings)
+                                                           min_delta=0.0, strict=True), **settings)
     cfg["val_dataset"] = val_loader(cfg, data["val"], True, 1)["dataset"]
     cfg["default_hooks"]["checkpoint"]["rule"] = "greater"
+    # answer metrics reported too (before training, every 3 iterations, on resuming): they must not disturb
+    # the decisions on val/loss, strict as they are
+    cfg["custom_hooks"] = [dict(type=EvaluateChatHook, tokenizer=cfg.tokenizer, every_n_iters=3, max_new_tokens=2,
+                                prompt_template=None, evaluation_inputs=[dict(input="Hi", answer="Hello")])]
     return cfg
 
 
@@ -282,6 +289,12 @@ def test_xtuner_mmlu_evaluation_config_runs(tmp_path, tiny_model_dir, data):
         assert first[f"mmlu_fs_val/{subject}"] == pytest.approx(value)
     assert first["mmlu_fs_val/average"] == pytest.approx(sum(by_subject.values()) / 3)
     assert "val/loss" not in first  # prompts only: nothing to take a loss of
+    # batches of several rows need each row's length: the training collate function gives none
+    cfg_default = Config.fromfile(path, {"pretrained_model_name_or_path": tiny_model_dir, "data_path": data["train"],
+                                         "custom_hooks": [], "model.llm.quantization_config": None})
+    cfg_default["val_dataloader"]["collate_fn"] = dict(type=default_collate_fn)
+    with pytest.raises(ConfigError, match="need an attention_mask: use collate_fn=dict\\(type=mmlu_collate_fn\\)"):
+        Runner.from_config(cfg_default, work_dir=str(tmp_path / "default"), seed=0).val_loop.run()
     runner.train()
     logged = [r for r in scalars(runner) if "mmlu_fs_val/average" in r]
     assert [r["iter"] for r in logged] == list(range(2, runner.max_iters + 1, 2)) + (
@@ -297,6 +310,8 @@ def test_xtuner_mmlu_evaluation_config_runs(tmp_path, tiny_model_dir, data):
     (dict(val_split=4, val_interval=0), r"val_interval must be a positive integer"),
     (dict(val_split=4, save_best="val/acc"), r"save_best='val/acc' is never logged by this run; it logs"),
     (dict(save_best="val/loss"), r"this run evaluates nothing"),
+    (dict(val_split=4, save_best="val/loss", early_stopping=dict(monitor="chat/rouge_l")),
+     r"early_stopping monitor='chat/rouge_l' is never logged"),
     (dict(val_split=4, early_stopping=dict(patience=2)), r"early_stopping must be dict\(monitor="),
     (dict(val_split=4, val_dataset=dict(type=process_hf_dataset)), r"sets val_dataset and val_split"),
 ])

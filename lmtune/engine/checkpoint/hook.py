@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from lmtune.core.dist import is_main_process
 from lmtune.core.errors import ConfigError
@@ -77,6 +78,7 @@ class CheckpointHook(Hook):
         self.less_keys = list(less_keys or [])
         self.greater_keys = list(greater_keys or [])
         self.best: dict | None = None  # {"metric", "value", "iter", "name"} of the best checkpoint so far
+        self.evaluated_at = 0  # the iteration of the last evaluation of save_best
         self._candidate: dict | None = None  # a new best, kept once its checkpoint is written
         meanings = {"interval": ("save_steps", "no periodic saves"),
                     "max_keep_ckpts": ("save_total_limit", "keeping every checkpoint")}
@@ -108,6 +110,9 @@ class CheckpointHook(Hook):
         value = metrics.get(self.save_best)
         if value is None or not math.isfinite(value):
             return
+        if runner.completed_iters <= self.evaluated_at:  # these weights were judged already (a resumed run)
+            return
+        self.evaluated_at = runner.completed_iters
         rule = self.rule_of(self.save_best)
         best = self.best["value"] if self.best is not None else None
         if best is None or (value < best if rule == "less" else value > best):
@@ -134,12 +139,22 @@ class CheckpointHook(Hook):
         best = candidate or self.best
         if best is not None:
             checkpoint["trainer"]["best_checkpoint"] = dict(best)
+        checkpoint["trainer"]["best_evaluated_at"] = self.evaluated_at
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        best = checkpoint.get("trainer", {}).get("best_checkpoint")
+        trainer = checkpoint.get("trainer", {})
+        best = trainer.get("best_checkpoint")
         self.best = dict(best) if best else None
+        self.evaluated_at = int(trainer.get("best_evaluated_at", 0))
         if self.best is not None and self.save_best in (None, "auto"):
             self.save_best = self.best["metric"]
+        if self.save_best is not None and is_main_process():  # the pointer follows the state resumed
+            directory = Path(self.out_dir) if self.out_dir else runner.work_dir
+            pointer = directory / BEST_FILE
+            if self.best is not None and (directory / self.best["name"]).is_dir():
+                pointer.write_text(self.best["name"] + "\n", encoding="utf-8")
+            elif pointer.exists():
+                pointer.unlink()  # it named a checkpoint of the stretch this resume abandons
 
     def _protected(self, path) -> list:
         if self.best is None or path is None:
@@ -165,6 +180,7 @@ class CheckpointHook(Hook):
                        f"{type(exc).__name__}: {exc}. The previous checkpoints are intact")
             if self.continue_on_error and not final:
                 runner.logger.error(message + "; training continues (continue_on_error=True)")
+                self._candidate = None  # no checkpoint holds that evaluation's weights
                 return
             raise CheckpointSaveError(message + "; free space (or fix the cause) and continue with "
                                       "`lmtune train ... --resume`, or set "

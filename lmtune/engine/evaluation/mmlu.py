@@ -66,6 +66,9 @@ class MMLUMetric:
 
     def process(self, data_batch: dict, logits: torch.Tensor) -> None:
         """One batch: ``logits`` are the next-token logits after each row's prompt."""
+        if "answers" not in data_batch or "subjects" not in data_batch:
+            raise ConfigError("MMLUMetric reads each row's answer letter and subject from the batches of "
+                              "mmlu_collate_fn: set val_dataloader.collate_fn=dict(type=mmlu_collate_fn)")
         choices = logits[:, self.letter_ids].argmax(dim=-1).tolist()
         for subject, answer, choice in zip(data_batch["subjects"], data_batch["answers"], choices):
             if answer not in LETTERS:

@@ -24,6 +24,16 @@ class IterTimerHook(Hook):
         runner.message_hub.update("time", now - self._last)
         self._last = now
 
+    # a validation pass runs inside the iteration that ends its optimizer step: its time is not the iteration's
+    def before_val_epoch(self, runner) -> None:
+        self._val_started = time.perf_counter()
+
+    def after_val_epoch(self, runner, metrics) -> None:
+        started = getattr(self, "_val_started", None)
+        if started is not None and hasattr(self, "_last"):
+            self._last += time.perf_counter() - started
+        self._val_started = None
+
 
 class ParamSchedulerHook(Hook):
     """Steps every iteration-based scheduler after each iteration, epoch-based ones after each epoch."""

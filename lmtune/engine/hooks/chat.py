@@ -9,7 +9,7 @@ from typing import Any
 
 from lmtune.config.build import build
 from lmtune.core.constants import IGNORE_INDEX
-from lmtune.core.dist import is_main_process
+from lmtune.core.dist import broadcast_object, is_main_process
 from lmtune.core.errors import ConfigError
 from lmtune.core.hook import Hook
 from lmtune.dataset.chat_template import has_chat_template, uses_chat_template
@@ -133,7 +133,8 @@ def _nowhere():
 class EvaluateChatHook(Hook):
     """Answers ``evaluation_inputs`` with the training template and system prompt.
 
-    Runs before training, every ``every_n_iters`` iterations and after training;
+    Runs before training, every ``every_n_iters`` iterations (at the end of the
+    optimizer step holding that iteration) and after training;
     greedy decoding up to ``max_new_tokens`` or a stop word. Answers are logged
     and appended to ``<log_dir>/eval_chat.jsonl``. Each input is answered on its own
     by the chat session of ``lmtune chat`` (``lmtune.model.chat``), so a prompt here is
@@ -236,8 +237,12 @@ class EvaluateChatHook(Hook):
                 fh.flush()
         if main and time.monotonic() - started >= self.HEARTBEAT_S:
             runner.logger.info(f"Evaluate chat ({when}) took {time.monotonic() - started:.0f} s")
-        if scores:
-            runner.report_metrics({f"{CHAT_PREFIX}{name}": value for name, value in mean_scores(scores).items()})
+        if scores and not (when == "before training" and runner.completed_iters > 0):
+            # (the answers that start a resumed run are shown, not reported: the uninterrupted run had none there)
+            metrics = {f"{CHAT_PREFIX}{name}": value for name, value in mean_scores(scores).items()}
+            # rank 0's scores on every rank: save_best and early stopping must decide alike everywhere, even if
+            # one device's kernels made another answer
+            runner.report_metrics(broadcast_object(metrics))
 
     def metric_names(self) -> list[str]:
         """What each evaluation reports (with reference answers)."""
@@ -248,8 +253,13 @@ class EvaluateChatHook(Hook):
         self._evaluate(runner, "before training")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        # every `every_n_iters` iterations, at the end of the optimizer step holding that iteration: the weights
+        # answered are those of a whole step (and the ones a checkpoint saved there holds)
         if self.every_n_iters_ and self.every_n_iters(runner, self.every_n_iters_) \
                 and not self.is_last_iter(runner):
+            self._due = True
+        if getattr(self, "_due", False) and runner.at_step_boundary and not self.is_last_iter(runner):
+            self._due = False
             self._evaluate(runner, f"iter {runner.iter + 1}")
 
     def after_train(self, runner) -> None:

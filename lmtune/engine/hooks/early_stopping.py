@@ -17,8 +17,9 @@ class EarlyStoppingHook(Hook):
     The run ends at the end of the optimizer step of that evaluation, after its hooks (the checkpoint there is
     saved). The best value, the count of evaluations without improvement and the decision are kept in every
     checkpoint, so a resumed run decides as the uninterrupted one; a run resumed after it stopped has nothing
-    left to train. ``strict=True``: an evaluation that does not report ``monitor`` is an error. Evaluations
-    before the first iteration (``val_before_train``) are shown, not counted.
+    left to train. ``strict=True``: an evaluation of the monitor's kind (``val/...``, ``chat/...``) that does
+    not report it is an error. Evaluations before the first iteration (``val_before_train``), and of weights
+    already judged (the chat evaluation that starts a resumed run), are shown, not counted.
     """
 
     priority = "LOW"
@@ -42,19 +43,25 @@ class EarlyStoppingHook(Hook):
         self.stopping_threshold = stopping_threshold
         self.best: float | None = None
         self.wait_count = 0
+        self.last_iter = 0  # the iteration of the last evaluation counted
         self.stopped: str | None = None  # why the run stopped, once it has
 
     def _better(self, value: float, than: float) -> bool:
         return value < than - self.min_delta if self.rule == "less" else value > than + self.min_delta
 
     def after_val_epoch(self, runner, metrics: dict) -> None:
+        if runner.completed_iters == 0 or self.stopped:
+            return
         if self.monitor not in metrics:
-            if self.strict:
+            # strict: the evaluation that reports the monitor's kind of metric (val/..., chat/...) lacks it
+            kind = self.monitor.split("/", 1)[0] + "/"
+            if self.strict and any(name.startswith(kind) for name in metrics):
                 raise ConfigError(f"early_stopping: the evaluation reported no {self.monitor!r} (it reported "
                                   f"{sorted(metrics)}); strict=True stops here")
             return
-        if runner.completed_iters == 0 or self.stopped:
+        if runner.completed_iters <= self.last_iter:  # these weights were judged already (a resumed run's start)
             return
+        self.last_iter = runner.completed_iters
         value = float(metrics[self.monitor])
         reason = None
         if self.check_finite and not math.isfinite(value):
@@ -79,9 +86,10 @@ class EarlyStoppingHook(Hook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint["trainer"].setdefault("early_stopping", {})[self.monitor] = {
-            "best": self.best, "wait_count": self.wait_count, "stopped": self.stopped}
+            "best": self.best, "wait_count": self.wait_count, "stopped": self.stopped, "last_iter": self.last_iter}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = checkpoint.get("trainer", {}).get("early_stopping", {}).get(self.monitor)
         if state:
             self.best, self.wait_count, self.stopped = state["best"], int(state["wait_count"]), state["stopped"]
+            self.last_iter = int(state.get("last_iter", 0))

@@ -39,9 +39,9 @@ def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method:
                      key: str = "train_dataloader") -> DataLoader:
     """The dataloader of ``cfg`` (a DataLoader, or its config); its sampler is seeded with ``seed``.
 
-    ``key`` 'val_dataloader': every rank reads its own share of the rows once, in order, none repeated
-    (``DefaultSampler(shuffle=False, round_up=False)``, whatever sampler the config names), so a sum over the
-    split counts each row once."""
+    ``key`` 'val_dataloader': every rank reads its own share of the rows once, in order, none repeated or
+    dropped (``DefaultSampler(shuffle=False, round_up=False)`` whatever sampler the config names, and
+    ``drop_last=False``), so a sum over the split counts each row once."""
     if cfg is None:
         raise ConfigError(f"the config has no {key}")
     if isinstance(cfg, DataLoader):
@@ -54,6 +54,7 @@ def build_dataloader(cfg: Any, seed: int, device: torch.device, mp_start_method:
     if key == "val_dataloader":
         sampler_cfg = dict(type=DefaultSampler, shuffle=False, round_up=False)
         cfg.pop("batch_sampler", None)
+        cfg["drop_last"] = False
     sampler = build(sampler_cfg, key=f"{key}.sampler", dataset=dataset, seed=seed)
     collate_cfg = cfg.pop("collate_fn", None) or dict(type=default_collate_fn)
     collate = collate_cfg

@@ -47,7 +47,11 @@ class ValLoop:
 
     def metric_names(self) -> list[str]:
         """The names this loop reports (for checking ``save_best`` and early stopping before training)."""
-        names = [f"{VAL_PREFIX}loss", f"{VAL_PREFIX}ppl"]
+        names = []
+        if self.has_targets():
+            names += [f"{VAL_PREFIX}loss", f"{VAL_PREFIX}tokens"]
+            if not self.is_preference():
+                names.append(f"{VAL_PREFIX}ppl")
         if self.evaluator is not None:
             prefix = getattr(self.evaluator, "prefix", None)
             known = getattr(self.evaluator, "metric_names", lambda: [])()
@@ -72,6 +76,10 @@ class ValLoop:
         self.last_seconds = time.perf_counter() - started
         return metrics
 
+    def is_preference(self) -> bool:
+        """Pairs (a preference model's loss and per-pair metrics, no perplexity)."""
+        return "pairs" in getattr(self.dataloader.dataset, "column_names", [])
+
     def has_targets(self) -> bool:
         """Whether the split's rows have target tokens (a loss): the first row decides, alike on every rank. An
         evaluator's split of prompts without answers (MMLU) has none."""
@@ -83,12 +91,13 @@ class ValLoop:
         return len(dataset) > 0 and any(label != IGNORE_INDEX for label in list(dataset[0]["labels"])[1:])
 
     def _batches(self):
-        """This rank's batches, then (when the strategy shards the weights, so every rank must take part in
-        every forward) repeats of one of them, marked as padding, until every rank has run as many."""
+        """This rank's batches, then repeats of one of them, marked as padding, until every rank has run as
+        many: a sharding strategy needs every rank in every forward, and a rank with fewer rows (or none, when
+        the split has fewer rows than there are ranks) must still reach the final reduction."""
         batches = iter(self.dataloader)
         count = len(self.dataloader)
         most = count
-        if self.runner.strategy.shards_params and get_world_size() > 1:
+        if get_world_size() > 1:
             most = _all_reduce_max(count, self.runner.device)
         first = None
         for _ in range(count):
@@ -125,6 +134,10 @@ class ValLoop:
                 terms_names, metric_names = list(terms), list(out.get("metrics") or {})
                 totals = values if totals is None else totals + values
             if evaluator is not None:
+                if "attention_mask" not in inputs and inputs["input_ids"].shape[0] > 1:
+                    raise ConfigError("val_evaluator reads each row's last token, so batches of several rows need "
+                                      "an attention_mask: use collate_fn=dict(type=mmlu_collate_fn) in "
+                                      "val_dataloader (or batch_size=1)")
                 with runner.optim_wrapper.optim_context():
                     logits = model.last_token_logits(inputs["input_ids"], inputs.get("attention_mask"))
                 if not padding:
@@ -268,12 +281,16 @@ def check_monitors(runner: Any) -> None:
         names.update(runner.val_loop.metric_names())
         evaluator = runner.val_loop.evaluator
         if evaluator is not None and not hasattr(evaluator, "metric_names"):
-            prefixes.add(f"{getattr(evaluator, 'prefix', '') or ''}/")
+            if not getattr(evaluator, "prefix", None):
+                return  # its names are known only once it reports
+            prefixes.add(f"{evaluator.prefix}/")
+        if runner.val_loop.is_preference():
+            prefixes.add(VAL_PREFIX)  # the model's per-pair metrics, val/rewards/...
     for hook in runner.hooks:
         if hasattr(hook, "metric_names") and not isinstance(hook, EarlyStoppingHook):
             names.update(hook.metric_names())
     for what, name in watched:
-        if name in names or any(name.startswith(p) for p in prefixes if p != "/"):
+        if name in names or any(name.startswith(p) for p in prefixes):
             continue
         if not names:
             raise ConfigError(f"{what}={name!r}: this run evaluates nothing. Add validation data (val_dataloader, "
