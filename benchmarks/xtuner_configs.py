@@ -238,6 +238,9 @@ ROWS: dict[str, list[dict]] = {
     "sharegpt": [{"conversations": SHAREGPT}],
     "stack_exchange": [{"question": "How do I add two numbers in python?", "response": "Use a + b."}],
     "default": [{"input": "What is the capital of France?", "output": "Paris."}],
+    # an MMLU evaluation row as qlora's five_shot_mmlu_val.json holds it: the prompt, the answer letter, the subject
+    "mmlu": [{"input": "Which is a planet?\nA. Sun\nB. Mars\nC. Moon\nD. Io\nAnswer:", "output": "B",
+              "subject": "astronomy"}],
     # dataset_map_fn=None: rows already in XTuner's conversation format
     "conversation": [{"conversation": [{"system": "Be brief.", "input": "What is the capital of France?",
                                         "output": "Paris."}, {"input": "Say hello.", "output": "Hello!"}]}],
@@ -431,6 +434,8 @@ def data_format(node: dict) -> str:
     if kind.startswith("load_intern_repo_"):
         return kind.removeprefix("load_").removesuffix("_dataset")
     fn = node.get("dataset_map_fn")
+    if node.get("input_ids_with_output") is False:  # an evaluation set of prompts: MMLU's multiple choice
+        return "mmlu"
     if fn is None and kind == "build_preference_dataset":
         return "polar" if node.get("is_reference") else "preference"  # rows of prompt / chosen / rejected
     if fn is None:
@@ -552,7 +557,10 @@ def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: b
                 d["chat_template"] = chat_template
         kind = type_name(d)
         if kind in ("process_hf_dataset", "process_ms_dataset", "build_preference_dataset"):
-            d["dataset"] = dict(type=load_dataset, path="json", data_files=data[data_format(d)])
+            files = data[data_format(d)]
+            split = d.get("split") or "train"  # an evaluation set reads its own split ('val' of MMLU's files)
+            d["dataset"] = dict(type=load_dataset, path="json",
+                                data_files=files if split == "train" else {split: files})
             for key in ("map_num_proc", "num_proc"):
                 if d.get(key):
                     d[key] = None
@@ -621,9 +629,10 @@ def run_one(job: dict) -> dict:
         stage = "train"
         runner.train()
         scalars = runner.log_dir / "scalars.jsonl"
-        losses = [json.loads(line).get("loss") for line in scalars.read_text().splitlines()] \
-            if scalars.is_file() else []
+        rows = [json.loads(line) for line in scalars.read_text().splitlines()] if scalars.is_file() else []
+        losses = [row.get("loss") for row in rows if "lr" in row]  # training rows (evaluations have rows too)
         result["losses"] = losses
+        result["evaluations"] = [row for row in rows if "lr" not in row]
         if runner.iter != RUN_ITERS:
             raise RuntimeError(f"the run stopped after {runner.iter} of {RUN_ITERS} iterations")
         if not losses or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses):
@@ -752,7 +761,6 @@ KNOWN_CAUSES = [
      "lmtune: no stand-in for XTuner's own `DeepseekV2ForCausalLM` (its `moe_implementation`/"
      "`expert_in_one_shard` arguments); transformers ships DeepseekV2"),
     (r"preference_collate_fn", "out of SFT scope: DPO configs kept in the minicpm folder"),
-    (r"mmlu_collate_fn", "lmtune: no MMLU evaluation (`mmlu_collate_fn`, val_dataloader/val_evaluator)"),
     (r"sequence_parallel_size", "lmtune: sequence parallelism is refused by design (runner.py)"),
     (r"ParamWrapper does not work with lora_dropout",
      "lmtune × transformers 5: Mixtral's experts are fused 3-D parameters; peft maps the config's "
