@@ -373,8 +373,9 @@ def _cli_opts(model_dir, data_dir) -> list[str]:
             "default_hooks.logger.interval=1"]
 
 
-def _loss_trace(work: Path) -> dict[int, list[float]]:
-    """Every loss logged in every run (first and resumed) of ``work``, by iteration."""
+def _loss_trace(work: Path, key: str = "loss") -> dict[int, list[float]]:
+    """Every ``key`` (the training loss; ``val/loss``) logged in every run (first and resumed) of ``work``, by
+    iteration."""
     trace: dict[int, list[float]] = {}
     for log in sorted(work.glob("*/scalars.jsonl")):
         lines = log.read_text().splitlines()
@@ -384,12 +385,19 @@ def _loss_trace(work: Path) -> dict[int, list[float]]:
             except json.JSONDecodeError:
                 assert number == len(lines) - 1, f"{log}: line {number + 1} is damaged"
                 continue  # the kill landed in the middle of the last line
-            trace.setdefault(row["iter"], []).append(row["loss"])
+            if key in row:
+                trace.setdefault(row["iter"], []).append(row[key])
     return trace
 
 
+# validated every 3 iterations; 'greater' on a falling loss keeps iteration 3 the best, and early stopping (patience 2)
+# ends the run at iteration 9: the decisions a resumed run must take as the uninterrupted one
+VALIDATION = ["val_split=4", "val_interval=3", "save_best='val/loss'", "default_hooks.checkpoint.rule='greater'",
+              "early_stopping=dict(monitor='val/loss', rule='greater', patience=2, min_delta=0.0)"]
+
+
 def _train_cmd(model_dir, data_dir, work: Path, resume: bool) -> list[str]:
-    opts = _cli_opts(model_dir, data_dir)
+    opts = _cli_opts(model_dir, data_dir) + VALIDATION
     return [sys.executable, "-m", "lmtune.cli", "train", str(SEED_CFG), "--work-dir", str(work),
             *(["--resume"] if resume else []), "--cfg-options", *opts]
 
@@ -408,12 +416,13 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
     subprocess.run(_train_cmd(tiny_model_dir, oasst1_dir, reference, False), env=_env(), check=True,
                    capture_output=True, timeout=120)
     final = ckpt.find_latest(reference)
-    assert final.name == "iter_12"
+    assert final.name == "iter_9"  # stopped early
+    assert (reference / "best_checkpoint").read_text().strip() == "iter_3"
     from safetensors.torch import load_file
 
     expected = load_file(str(final / ckpt.WEIGHTS))
-    expected_trace = _loss_trace(reference)
-    assert sorted(expected_trace) == list(range(1, 13))
+    expected_trace, expected_val = _loss_trace(reference), _loss_trace(reference, "val/loss")
+    assert sorted(expected_trace) == list(range(1, 10)) and sorted(expected_val) == [3, 6, 9]
 
     for trial in range(3):
         work = tmp_path / f"trial{trial}"
@@ -435,7 +444,7 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
         for path in work.glob("iter_*"):  # whatever the kill left: never an incomplete checkpoint
             assert ckpt.verify_checkpoint(path) is None, path
         for _ in range(3):
-            if ckpt.find_latest(work) is not None and ckpt.find_latest(work).name == "iter_12":
+            if ckpt.find_latest(work) is not None and ckpt.find_latest(work).name == final.name:
                 break
             done = subprocess.run(_train_cmd(tiny_model_dir, oasst1_dir, work, True), env=_env(),
                                   capture_output=True, text=True, timeout=120)
@@ -453,6 +462,10 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
         for it, losses in trace.items():
             for loss in losses:
                 assert abs(loss - expected_trace[it][0]) <= 1e-6, f"trial {trial}, iter {it}: {losses}"
+        # the validations, the best checkpoint and the early stop decided alike
+        for it, losses in _loss_trace(work, "val/loss").items():
+            assert all(abs(loss - expected_val[it][0]) <= 1e-6 for loss in losses), f"trial {trial}, val {it}"
+        assert (work / "best_checkpoint").read_text().strip() == "iter_3", f"trial {trial}"
 
 
 # ------------------------------------------------------------------ stopping on a signal

@@ -320,3 +320,14 @@ def test_bad_validation_settings_stop_before_training(tmp_path, tiny_model_dir, 
     with pytest.raises(ConfigError, match=message):
         Runner.from_config(config(tiny_model_dir, data["train"], **settings), work_dir=str(work), seed=0)
     assert not work.exists()  # nothing written
+
+
+def test_command_line_values_may_write_dicts_as_configs_do():
+    from lmtune.config.config import parse_overrides
+
+    got = parse_overrides(["early_stopping=dict(monitor='val/loss', patience=2, min_delta=0.0)",
+                           "val_split=dict(size=0.02, seed=3)", "evaluation_inputs=[dict(input='Hi', answer='Hello')]"])
+    assert got == {"early_stopping": {"monitor": "val/loss", "patience": 2, "min_delta": 0.0},
+                   "val_split": {"size": 0.02, "seed": 3}, "evaluation_inputs": [{"input": "Hi", "answer": "Hello"}]}
+    with pytest.raises(ConfigError, match="is not a Python value"):
+        parse_overrides(["early_stopping=dict(monitor=val_loss)"])  # a name, not a value

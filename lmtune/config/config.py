@@ -83,15 +83,27 @@ def read_config_text(path: Path) -> str:
                           "save it as UTF-8 (Python source files are UTF-8 by default)") from None
 
 
+def _literal(node: ast.AST) -> Any:
+    """A Python literal, where a dict may also be written ``dict(key=value, ...)`` as configs write them."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" \
+            and not node.args and all(kw.arg for kw in node.keywords):
+        return {kw.arg: _literal(kw.value) for kw in node.keywords}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(item) for item in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    return ast.literal_eval(node)
+
+
 def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal, a dotted name from a known package, or a string.
+    """A command-line value: a Python literal (dicts also as ``dict(a=1)``), a dotted name from a known package,
+    or a string.
 
     A value that opens a list, tuple, dict or string literal must be one: ``[0.9,`` (a lost closing
     bracket) is an error, not the string ``'[0.9,'``."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
-        if text and text[0] in "[({'\"":
+        return _literal(ast.parse(text, mode="eval").body)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        if text and (text[0] in "[({'\"" or text.startswith("dict(")):
             raise ConfigError(f"{text!r} is not a Python value ({type(exc).__name__}: {exc}); close its "
                               "brackets and quotes, or quote the whole value to pass a string") from None
     parts = text.split(".")
