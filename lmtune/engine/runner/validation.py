@@ -31,7 +31,7 @@ class ValLoop:
 
     ``evaluator``: an object with ``process(data_batch, logits)`` (``logits``: the next-token logits after each
     row's last input token, ``(rows, vocab)``), ``results`` (a list), ``compute(results) -> dict`` and ``prefix``
-    (such as :class:`lmtune.evaluation.MMLUMetric`). ``fp16`` is accepted for MMEngine configs: validation runs
+    (such as :class:`lmtune.engine.evaluation.MMLUMetric`). ``fp16`` is accepted for MMEngine configs: validation runs
     in the training precision. ``val_before_train``: validate once before the first iteration of a fresh run.
     """
 
