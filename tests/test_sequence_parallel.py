@@ -1,0 +1,86 @@
+"""Sequence parallelism, its first part (issue 18): the Ulysses exchange of attention heads and sequence slices
+gives, on two gloo ranks, the attention output and the gradients of one process, in fp64, for grouped-query
+heads, heads that do not divide by the ranks, packed rows (each sample attending only to itself) and a value
+width other than the key width."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtune.model.ulysses import kv_repeats
+
+CASES = [  # (heads, kv heads, dim of q/k, dim of v)
+    (4, 2, 8, 8),   # GQA, heads divide
+    (4, 1, 8, 6),   # one key/value head (MQA), another value width
+    (3, 3, 8, 8),   # heads that do not divide by 2 ranks: padded
+    (6, 3, 4, 4),   # 3 kv heads: repeated as far as 2 ranks need
+]
+LENGTH = 12  # a packed row of samples of 5, 4 and 3 tokens, split 6 + 6 over the ranks
+SEGMENTS = [5, 4, 3]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention inside each sample of the row (the whole row's bounds), grouped-query heads repeated."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    sample = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
+    allowed = (sample[:, None] == sample[None, :]) & torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def inputs(case: tuple) -> tuple[torch.Tensor, ...]:
+    heads, kv, dim, dim_v = case
+    gen = torch.Generator().manual_seed(sum(case))
+    make = lambda h, d: torch.randn(2, h, LENGTH, d, dtype=torch.float64, generator=gen)  # noqa: E731
+    return make(heads, dim), make(kv, dim), make(kv, dim_v), make(heads, dim_v)  # q, k, v, upstream grad
+
+
+def _on_rank(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lmtune.model.ulysses import ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        group = dist.new_group([0, 1])
+        results = []
+        for case in CASES:
+            q, k, v, grad = inputs(case)
+            local = slice(rank * LENGTH // 2, (rank + 1) * LENGTH // 2)
+            q, k, v = (t[:, :, local].clone().requires_grad_() for t in (q, k, v))
+            out = ulysses_attention(q, k, v, group, attend)
+            out.backward(grad[:, :, local])
+            results.append({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad})
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_exchange_on_two_ranks_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for n, case in enumerate(CASES):
+        q, k, v, grad = inputs(case)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attend(q, k, v)
+        out.backward(grad)
+        joined = {name: torch.cat([ranks[0][n][name], ranks[1][n][name]], dim=2) for name in ranks[0][n]}
+        for name, expected in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            torch.testing.assert_close(joined[name], expected.detach(), rtol=0, atol=1e-12, msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize(("heads", "kv", "size", "repeat"), [
+    (32, 8, 4, 1), (32, 8, 16, 2), (64, 8, 16, 2), (32, 4, 8, 2), (8, 8, 16, 1), (4, 1, 2, 2), (6, 3, 2, 2),
+    (3, 3, 2, 1),
+])
+def test_key_value_heads_are_repeated_only_as_far_as_the_ranks_need(heads, kv, size, repeat):
+    # (8, 8, 16): fewer heads than ranks, (3, 3, 2): heads that do not divide; both go through padding instead
+    assert kv_repeats(heads, kv, size) == repeat
