@@ -6,6 +6,7 @@ width other than the key width."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,61 @@ def test_the_exchange_on_two_ranks_equals_one_process(tmp_path):
 def test_key_value_heads_are_repeated_only_as_far_as_the_ranks_need(heads, kv, size, repeat):
     # (8, 8, 16): fewer heads than ranks, (3, 3, 2): heads that do not divide; both go through padding instead
     assert kv_repeats(heads, kv, size) == repeat
+
+
+def _groups_on_rank(rank: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from lmtune.core import dist as ldist
+    from lmtune.dataset.samplers import DefaultSampler
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    try:
+        ldist.init_sequence_parallel(2)
+        summed = torch.tensor([float(rank)])
+        dist.all_reduce(summed, group=ldist.sequence_parallel_group())
+        across = torch.tensor([float(rank)])
+        dist.all_reduce(across, group=ldist._SEQUENCE_PARALLEL["data_group"])
+        sampler = DefaultSampler(list(range(10)), shuffle=True, seed=3)
+        info = {"sp_rank": ldist.sequence_parallel_rank(), "dp_rank": ldist.data_parallel_rank(),
+                "dp_size": ldist.data_parallel_world_size(), "sp_sum": summed.item(), "dp_sum": across.item(),
+                "indices": list(sampler)}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_groups_and_the_data_each_rank_reads(tmp_path):
+    """4 ranks at sequence parallel 2: groups {0,1} and {2,3} share rows (the same sampler indices), and the
+    data is sharded over the two groups as over two data-parallel ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from lmtune.core import dist as ldist
+    from lmtune.dataset.samplers import DefaultSampler
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_groups_on_rank, args=(port, str(tmp_path)), nprocs=4, join=True)
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [i["sp_rank"] for i in info] == [0, 1, 0, 1] and [i["dp_rank"] for i in info] == [0, 0, 1, 1]
+    assert {i["dp_size"] for i in info} == {2}
+    assert [i["sp_sum"] for i in info] == [1.0, 1.0, 5.0, 5.0]  # 0+1 and 2+3
+    assert [i["dp_sum"] for i in info] == [2.0, 4.0, 2.0, 4.0]  # 0+2 and 1+3
+    assert info[0]["indices"] == info[1]["indices"] and info[2]["indices"] == info[3]["indices"]
+    # the two groups read what two plain data-parallel ranks would
+    two_ranks = []
+    for rank in (0, 1):
+        sampler = DefaultSampler(list(range(10)), shuffle=True, seed=3)
+        sampler.rank, sampler.world_size = rank, 2
+        sampler.num_samples, sampler.total_size = 5, 10
+        two_ranks.append(list(sampler))
+    assert [info[0]["indices"], info[2]["indices"]] == two_ranks
+    # one process: no groups, every rank its own
+    assert ldist.sequence_parallel_size() == 1 and ldist.data_parallel_world_size() == 1
+    with pytest.raises(Exception, match="must be a positive integer dividing the number of processes"):
+        ldist.init_sequence_parallel(3)

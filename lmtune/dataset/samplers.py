@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from lmtune.core.dist import get_rank, get_world_size
+from lmtune.core.dist import data_parallel_rank, data_parallel_world_size
 from lmtune.core.errors import ConfigError
 
 
@@ -28,8 +28,9 @@ class DefaultSampler(Sampler[int]):
         self.shuffle = shuffle
         self.seed = 0 if seed is None else int(seed)
         self.round_up = round_up
-        self.rank = get_rank()
-        self.world_size = get_world_size()
+        # the data-parallel rank: the ranks of one sequence-parallel group read the same rows
+        self.rank = data_parallel_rank()
+        self.world_size = data_parallel_world_size()
         self.epoch = 0
         self._skip = 0
         if round_up:
