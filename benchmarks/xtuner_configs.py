@@ -761,7 +761,9 @@ KNOWN_CAUSES = [
      "lmtune: no stand-in for XTuner's own `DeepseekV2ForCausalLM` (its `moe_implementation`/"
      "`expert_in_one_shard` arguments); transformers ships DeepseekV2"),
     (r"preference_collate_fn", "out of SFT scope: DPO configs kept in the minicpm folder"),
-    (r"sequence_parallel_size", "lmtune: sequence parallelism is refused by design (runner.py)"),
+    (r"lmtune does not split sequences", "lmtune (before issue 18): sequence parallelism was refused"),
+    (r"sequence_parallel_size=\d+ must be a positive integer dividing",
+     "harness: one process; sequence parallelism needs as many processes as the config's size"),
     (r"ParamWrapper does not work with lora_dropout",
      "lmtune × transformers 5: Mixtral's experts are fused 3-D parameters; peft maps the config's "
      "`target_modules` w1/w2/w3 to them as `ParamWrapper`s, which refuse `lora_dropout` != 0"),

@@ -198,6 +198,25 @@ def test_ddp_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path, tiny_mode
     resume_from_middle(two, tmp_path / "resumed", opts)
 
 
+# ------------------------------------------------------------------ sequence parallelism
+
+def test_sequence_parallel_two_ranks_equal_one_process_and_resume(tmp_path, tiny_model_dir, data_dir):
+    """sequence_parallel_size=2 on 2 ranks: each packed row (of any length: padded to even) is split over both,
+    the attention reaches the whole row through the Ulysses exchange; the losses and the LoRA weights are those of
+    one process on the same rows, and a resumed run continues it exactly."""
+    opts = _opts(tiny_model_dir, data_dir)
+    work = tmp_path / "sp"
+    done = train(work, opts + ["sequence_parallel_size=2"], nproc=2)
+    assert "Sequence parallelism: each row split over 2 ranks, 1 data-parallel group(s)" in done.stdout
+    train(tmp_path / "one", opts, nproc=1)
+    assert_same_weights(weights(ckpt.find_latest(work)), weights(ckpt.find_latest(tmp_path / "one")), atol=1e-5)
+    ls, l1 = losses(work), losses(tmp_path / "one")
+    assert sorted(ls) == sorted(l1) == [1, 2, 3, 4]
+    for it in l1:
+        assert abs(ls[it] - l1[it]) <= 1e-5, (it, ls[it], l1[it])
+    resume_from_middle(work, tmp_path / "resumed", opts + ["sequence_parallel_size=2"])
+
+
 # ------------------------------------------------------------------ FSDP2
 
 def test_fsdp2_full_finetuning_trains_resumes_and_converts(tmp_path, tiny_model_dir, data_dir, hooks_cfg):

@@ -143,3 +143,72 @@ def test_sequence_parallel_groups_and_the_data_each_rank_reads(tmp_path):
     assert ldist.sequence_parallel_size() == 1 and ldist.data_parallel_world_size() == 1
     with pytest.raises(Exception, match="must be a positive integer dividing the number of processes"):
         ldist.init_sequence_parallel(3)
+
+
+def _row() -> dict:
+    """One packed row of samples of 7, 6 and 4 tokens (17: padded to 18 for two ranks), part of each trained."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (1, 17), generator=gen)
+    labels = ids.clone()
+    labels[0, :3] = labels[0, 7:9] = labels[0, 13:14] = -100  # each sample's prompt
+    positions = torch.tensor([list(range(7)) + list(range(6)) + list(range(4))])
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def _model(model_dir: str, checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model.sft import SupervisedFinetune
+
+    torch.manual_seed(0)
+    return SupervisedFinetune(llm=dict(type=AutoModelForCausalLM.from_pretrained,
+                                       pretrained_model_name_or_path=model_dir, dtype=torch.float32),
+                              use_activation_checkpointing=checkpointing)
+
+
+def _model_on_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lmtune.core import dist as ldist
+    from lmtune.engine.strategies.sequence_parallel import shard_batch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ldist.init_sequence_parallel(2)
+        results = []
+        for checkpointing in (False, True):
+            model = _model(model_dir, checkpointing).train()
+            batch = shard_batch(_row())
+            assert batch["input_ids"].shape == (1, 9)  # this rank's half of the padded row
+            out = model(**batch)
+            out["loss_sum"].backward()
+            results.append({"loss_sum": out["loss_sum"].detach(), "tokens": out["num_tokens"],
+                            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+        torch.save(results, f"{out_dir}/model{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_row_split_over_two_ranks_gives_the_loss_and_gradients_of_one_process(tmp_path, tiny_model_dir):
+    """The tiny Llama on one packed row: the two ranks' slice losses add up to the row's loss, and their
+    gradients to its gradients (fp32), with and without activation checkpointing (the exchanges run again in
+    the recompute)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_model_on_rank, args=(port, tiny_model_dir, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"model{r}.pt") for r in (0, 1)]
+    for n, checkpointing in enumerate((False, True)):
+        model = _model(tiny_model_dir, checkpointing).train()
+        out = model(**_row())
+        out["loss_sum"].backward()
+        parts = [ranks[0][n], ranks[1][n]]
+        assert int(parts[0]["tokens"] + parts[1]["tokens"]) == int(out["num_tokens"]) == 11
+        assert float(parts[0]["loss_sum"] + parts[1]["loss_sum"]) == pytest.approx(float(out["loss_sum"]), rel=1e-5)
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert grads and set(grads) == set(parts[0]["grads"]) == set(parts[1]["grads"])
+        for name, grad in grads.items():
+            torch.testing.assert_close(parts[0]["grads"][name] + parts[1]["grads"][name], grad, rtol=1e-4,
+                                       atol=1e-6, msg=f"checkpointing={checkpointing} {name}")

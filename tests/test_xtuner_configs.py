@@ -201,7 +201,7 @@ def test_mmengine_inheritance_beyond_merging(tmp_path):
         Config.fromfile(alone)
 
 
-def test_sequence_parallel_above_one_stops_before_any_work(tmp_path, tiny_model_dir, oasst1_dir):
+def test_sequence_parallel_over_too_few_processes_stops_before_any_work(tmp_path, tiny_model_dir, oasst1_dir):
     cfg = Config.fromfile(xtuner_shaped(tmp_path), {"pretrained_model_name_or_path": tiny_model_dir,
                                                     "data_path": oasst1_dir, "sequence_parallel_size": 4})
     with pytest.raises(ConfigError, match="sequence_parallel_size=4"):

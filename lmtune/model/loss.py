@@ -105,6 +105,8 @@ def loss_units(batch: dict) -> dict[str, int]:
     The loop sums them over an optimizer step and all ranks and divides each loss term by its unit's total, so a
     step's loss is the mean over its pairs (tokens) however they are split into micro-batches and ranks.
     """
+    if batch.get("targets") is not None:  # a sequence-parallel slice: its targets, already shifted
+        return {"tokens": int((batch["targets"] != IGNORE_INDEX).sum())}
     labels = batch["labels"]
     units = {"tokens": count_target_tokens(labels)}
     sequences = batch.get(SEQUENCE_INDEX)

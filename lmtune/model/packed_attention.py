@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 PACKED_SDPA = "lmtune_packed_sdpa"
 SEGMENTS_KWARG = "lmtune_segments"
+# sequence parallelism: {"group": its process group, "bounds": the sample bounds of the whole rows}; the model call
+# holds this rank's slice of each row, and the attention runs over the whole rows through the Ulysses exchange
+SEQUENCE_PARALLEL_KWARG = "lmtune_sequence_parallel"
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[int] | None:
@@ -52,9 +55,17 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface; shapes ``[batch, heads, length, head_dim]`` in,
     ``[batch, length, heads, head_dim]`` out (as ``sdpa_attention_forward``)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.pop(SEGMENTS_KWARG, None)
+    parallel = kwargs.pop(SEQUENCE_PARALLEL_KWARG, None)
+    if parallel is not None:
+        from lmtune.model.ulysses import ulysses_attention
+
+        p = dropout if module.training else 0.0
+        out = ulysses_attention(query, key, value, parallel["group"],
+                                lambda q, k, v: per_sample_attention(q, k, v, parallel["bounds"], p, scaling))
+        return out.transpose(1, 2).contiguous(), None
     batch, heads, length, _ = query.shape
     # transformers builds its block-diagonal mask exactly when it sees packed rows without a mask or a
     # cache; without one (it found plain causal attention enough) the boundaries do not apply
@@ -63,20 +74,34 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
             or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    p = dropout if module.training else 0.0
+    return per_sample_attention(query, key, value, bounds, p, scaling).transpose(1, 2).contiguous(), None
+
+
+def per_sample_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int] | None,
+                         dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention inside each sample: ``bounds`` over the rows flattened (``segment_bounds``; None: each
+    row one sample). ``[batch, heads, length, dim]`` in (key/value heads a divisor of the query heads),
+    ``[batch, heads, length, value dim]`` out."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    batch, heads, length, _ = query.shape
     groups = heads // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if bounds is None:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
     # [batch, heads, length, dim] -> [heads, batch * length, dim]: samples never cross rows (each row starts one).
     # Values may have their own width (DeepSeek's multi-head latent attention).
     q, k, v = (t.transpose(0, 1).reshape(heads, batch * length, t.shape[-1]) for t in (query, key, value))
-    p = dropout if module.training else 0.0
     # split, not sliced: the backward pass of a split concatenates the gradients once, where each slice's
     # would write its piece into a zeroed tensor of the whole row (15-30% of the attention's time on CPUs)
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=p, scale=scaling, is_causal=True)[0]
+    parts = [F.scaled_dot_product_attention(qs[None], ks[None], vs[None], dropout_p=dropout, scale=scaling,
+                                            is_causal=True)[0]
              for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))]
     out = torch.cat(parts, dim=1)  # [heads, batch * length, value dim]
-    return out.reshape(heads, batch, length, -1).permute(1, 2, 0, 3).contiguous(), None
+    return out.reshape(heads, batch, length, -1).transpose(0, 1)
 
 
 _forward = packed_sdpa_forward  # what is registered: torch.compiler.disable'd once compilation is asked for

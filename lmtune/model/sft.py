@@ -30,7 +30,7 @@ from lmtune.model.loss import (
     linear_cross_entropy_sum,
     shifted_targets,
 )
-from lmtune.model.packed_attention import SEGMENTS_KWARG, segment_bounds, use_packed_sdpa
+from lmtune.model.packed_attention import SEGMENTS_KWARG, SEQUENCE_PARALLEL_KWARG, segment_bounds, use_packed_sdpa
 
 logger = logging.getLogger("lmtune")
 
@@ -119,13 +119,23 @@ class SupervisedFinetune(nn.Module):
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     # -- training --------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **unused: Any) -> dict[str, torch.Tensor]:
-        """Summed cross-entropy over target tokens (``loss_sum``), their count, and their mean (``loss``)."""
-        targets = shifted_targets(labels)
-        loss_sum = self._chunked_loss(input_ids, targets, position_ids, attention_mask)
-        if loss_sum is None:
-            loss_sum = self._plain_loss(input_ids, targets, position_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, **unused: Any) -> dict[str, torch.Tensor]:
+        """Summed cross-entropy over target tokens (``loss_sum``), their count, and their mean (``loss``).
+
+        ``targets`` (instead of ``labels``): the next-token targets of each position, already shifted, as a
+        sequence-parallel slice of a row carries them (``SEQUENCE_PARALLEL_KWARG`` then says how the slice's
+        attention reaches the whole row)."""
+        if targets is None:
+            targets = shifted_targets(labels)
+        self._sequence_parallel = unused.get(SEQUENCE_PARALLEL_KWARG)
+        try:
+            loss_sum = self._chunked_loss(input_ids, targets, position_ids, attention_mask)
+            if loss_sum is None:
+                loss_sum = self._plain_loss(input_ids, targets, position_ids, attention_mask)
+        finally:
+            self._sequence_parallel = None
         num_tokens = (targets != IGNORE_INDEX).sum()
         return {"loss_sum": loss_sum, "num_tokens": num_tokens, "loss": loss_sum / num_tokens.clamp(min=1)}
 
@@ -156,7 +166,11 @@ class SupervisedFinetune(nn.Module):
         return causal_lm_loss_sum(out.logits, targets)
 
     def _attention_kwargs(self, position_ids, attention_mask) -> dict[str, Any]:
-        """The sample boundaries of packed rows, for ``PACKED_SDPA`` (none without packing or with a mask)."""
+        """The sample boundaries of packed rows, for ``PACKED_SDPA`` (none without packing or with a mask); under
+        sequence parallelism, the whole rows' boundaries and the group."""
+        parallel = getattr(self, "_sequence_parallel", None)
+        if parallel is not None:
+            return {SEQUENCE_PARALLEL_KWARG: parallel}
         if not self.packed_sdpa or position_ids is None or attention_mask is not None:
             return {}
         bounds = segment_bounds(position_ids)

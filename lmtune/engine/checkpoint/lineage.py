@@ -21,7 +21,8 @@ from typing import Any
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # top-level keys (and dotted sub-keys) whose values a resumed run must share with its checkpoint
-RESUME_KEYS = ("model", "train_dataloader.dataset", "val_split", "optim_wrapper", "param_scheduler")
+RESUME_KEYS = ("model", "train_dataloader.dataset", "val_split", "sequence_parallel_size", "optim_wrapper",
+               "param_scheduler")
 
 
 def new_run_id() -> str:

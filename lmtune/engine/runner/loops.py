@@ -11,6 +11,7 @@ from lmtune.core.dist import all_reduce_sum, get_world_size
 from lmtune.core.errors import ConfigError
 from lmtune.engine.flops import sample_lengths
 from lmtune.engine.runner.stop import StopTraining
+from lmtune.engine.strategies.sequence_parallel import shard_batch
 from lmtune.model.loss import loss_units
 
 
@@ -178,6 +179,7 @@ class TrainLoop:
         """One optimizer step over a group of micro-batches."""
         runner = self.runner
         model, optim = runner.model, runner.optim_wrapper
+        group = [shard_batch(batch) for batch in group]  # this rank's slice of each row (sequence parallelism)
         units = [loss_units(batch) for batch in group]
         names = list(units[0])
         # one reduction for the step: its loss units (target tokens; pairs), a stop request (SIGTERM, Ctrl-C) on

@@ -13,7 +13,16 @@ import torch
 import lmtune
 from lmtune.config import Config, ConfigDict, ConfigError, build, dumps
 from lmtune.core.device import default_device
-from lmtune.core.dist import barrier, broadcast_object, decided_by_main_process, get_world_size, is_main_process
+from lmtune.core.dist import (
+    barrier,
+    broadcast_object,
+    data_parallel_world_size,
+    decided_by_main_process,
+    get_world_size,
+    init_sequence_parallel,
+    is_main_process,
+    sequence_parallel_size,
+)
 from lmtune.engine.checkpoint import Checkpointer
 from lmtune.engine.checkpoint.lineage import resume_settings
 from lmtune.engine.optim import StepSettings
@@ -37,6 +46,7 @@ from lmtune.engine.runner.validation import (
     val_interval,
 )
 from lmtune.engine.strategies import build_strategy
+from lmtune.engine.strategies.sequence_parallel import check_sequence_parallel
 
 logger = logging.getLogger("lmtune")
 
@@ -80,11 +90,6 @@ class Runner:
                strategy: Any, deepspeed: str | None, overwrite: bool) -> None:
         self.logger = setup_logger(self.log_dir / f"{self.timestamp}.log", cfg.get("log_level", "INFO"))
         check_top_level_keys(cfg)
-        sp_size = cfg.get("sequence_parallel_size", 1)
-        if sp_size not in (None, 1):
-            raise ConfigError(f"sequence_parallel_size={sp_size}: lmtune does not split sequences across devices; "
-                              "set sequence_parallel_size = 1 (long sequences: use ZeRO-3 or FSDP2 with activation "
-                              "checkpointing)")
         env_cfg = dict(cfg.get("env_cfg") or {})
         torch.backends.cudnn.benchmark = bool(env_cfg.get("cudnn_benchmark", False))
         self.mp_start_method = dict(env_cfg.get("mp_cfg") or {}).get("mp_start_method")
@@ -120,6 +125,11 @@ class Runner:
         set_random_seed(self.seed, bool(randomness.get("deterministic", False)))
         self.config_text = self._dump_config(name, randomness)
         self.strategy = build_strategy(cfg, self.device, strategy, deepspeed)
+        # sequence parallelism: its groups before the samplers are built (they shard by the data-parallel rank)
+        init_sequence_parallel(cfg.get("sequence_parallel_size") or 1)
+        if sequence_parallel_size() > 1:
+            self.logger.info(f"Sequence parallelism: each row split over {sequence_parallel_size()} ranks, "
+                             f"{data_parallel_world_size()} data-parallel group(s)")
         self.logger.info(f"lmtune {lmtune.__version__}  work_dir: {self.work_dir}  seed: {self.seed}  "
                          f"device: {self.device}  strategy: {self.strategy.name}  world size: {get_world_size()}")
 
@@ -138,6 +148,7 @@ class Runner:
                                                    key="val_dataloader")
         self.strategy.configure(micro_batch_size(self.train_dataloader), step)  # DeepSpeed fills its JSON
         model = self._build_model(self.strategy.model_config(cfg.get("model")))
+        check_sequence_parallel(model, self.strategy)
         if getattr(model, "precompute_ref_log_probs", False):
             self._precompute_reference(model, cfg, train_loader_cfg, val_loader_cfg)
         # checkpoint weights go into the plain model, before it is wrapped or sharded

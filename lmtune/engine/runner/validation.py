@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from lmtune.config.build import build
-from lmtune.core.dist import all_reduce_sum, get_world_size
+from lmtune.core.dist import all_reduce_sum, get_world_size, sequence_parallel_size
 from lmtune.core.errors import ConfigError
 from lmtune.engine.runner.loops import combine_sums, local_sums
+from lmtune.engine.strategies.sequence_parallel import shard_batch
 from lmtune.model.loss import loss_units
 
 VAL_PREFIX = "val/"
@@ -121,7 +122,11 @@ class ValLoop:
         if evaluator is not None:
             evaluator.results = []
         with_loss = self.has_targets()
+        if evaluator is not None and sequence_parallel_size() > 1:
+            raise ConfigError("val_evaluator reads whole rows; it does not run under sequence_parallel_size > 1 yet")
         for batch, padding in self._batches():
+            if with_loss:
+                batch = shard_batch(batch)  # this rank's slice of each row (sequence parallelism)
             units = loss_units(batch)
             inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
             if with_loss:
