@@ -266,9 +266,9 @@ def test_untokenized_chat_files_are_templated_and_packed(tiny_model_dir, tiny_to
 
 def ranks(monkeypatch, dataset, world: int, cls=InternRepoSampler, **kw) -> list[list[int]]:
     out = []
-    monkeypatch.setattr(samplers_module, "get_world_size", lambda: world)
+    monkeypatch.setattr(samplers_module, "data_parallel_world_size", lambda: world)
     for rank in range(world):
-        monkeypatch.setattr(samplers_module, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(samplers_module, "data_parallel_rank", lambda rank=rank: rank)
         sampler = cls(dataset, **kw)
         sampler.set_epoch(2)
         out.append(list(sampler))
