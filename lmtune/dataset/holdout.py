@@ -38,13 +38,18 @@ def parse_val_split(value: Any) -> dict | None:
     return {"size": size, "seed": seed}
 
 
+def held_out_count(size: float | int, rows: int) -> int:
+    """How many of ``rows`` raw rows a ``val_split`` of ``size`` (a fraction or a count) holds out."""
+    return int(round(size * rows)) if isinstance(size, float) else int(size)
+
+
 def holdout_rows(dataset: Any, holdout: dict, source: str) -> Any:
     """The ``holdout['part']`` rows of ``dataset`` (a ``datasets.Dataset``) under the split ``holdout`` describes."""
     import numpy as np
 
     n = len(dataset)
     size = holdout["size"]
-    k = int(round(size * n)) if isinstance(size, float) else int(size)
+    k = held_out_count(size, n)
     if k < 1:
         raise ConfigError(f"val_split={size!r} selects 0 of the {n} rows of {source}: raise it (a number of rows "
                           "such as val_split=100 also works)")

@@ -16,6 +16,7 @@ FORWARD_SHARE = {False: 1 / 3, True: 1 / 4}
 
 def split_rows(ds_cfgs: list[dict], split: dict) -> tuple[int, int] | None:
     """``(held out, left to train)`` raw rows of ``val_split`` over the training datasets (None: not loadable)."""
+    from lmtune.dataset.holdout import held_out_count
     from lmtune.dataset.stages import train_split
 
     held = total = 0
@@ -25,7 +26,7 @@ def split_rows(ds_cfgs: list[dict], split: dict) -> tuple[int, int] | None:
         except Exception:  # noqa: BLE001 - the data section reports it
             return None
         n = min(len(raw), int(ds_cfg.get("max_dataset_length") or len(raw)))
-        k = int(round(split["size"] * n)) if isinstance(split["size"], float) else int(split["size"])
+        k = held_out_count(split["size"], n)
         if k < 1 or k >= n:
             raise ConfigError(f"val_split={split['size']!r} holds out {k} of the {n} rows of "
                               f"{ds_cfg.get('dataset', {}).get('path', 'a training dataset')}: "
