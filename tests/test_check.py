@@ -169,6 +169,27 @@ def test_memory_moves_the_right_way(wide_model_dir, data_dir):
     assert memory(nproc=1, deepspeed="deepspeed_zero3", **FULL).memory.weights > zero3.weights
 
 
+def test_sequence_parallelism_splits_the_activations_and_the_data_ranks(wide_model_dir, data_dir):
+    """sequence_parallel_size=2: each device holds half of every row's activations and logits (the weights,
+    gradients and optimizer states as without it), and two devices make one data-parallel group."""
+    cfg = lambda **o: _cfg(wide_model_dir, data_dir, max_length=256, **NO_QUANT, **o)  # noqa: E731
+    plain, _ = _check(cfg(), rows=4, nproc=2)
+    split, text = _check(cfg(sequence_parallel_size=2), rows=4, nproc=2)
+    a, b = plain.memory, split.memory
+    assert (b.weights, b.gradients, b.optimizer) == (a.weights, a.gradients, a.optimizer)
+    for part in ("activations", "activations_checkpointed", "logits"):
+        assert getattr(b, part) == pytest.approx(getattr(a, part) / 2, rel=0.01), part
+    assert "each row split over 2 devices, 1 data-parallel group(s)" in text
+    assert "each row split over 2 devices: 128 tokens per device" in text
+    assert "x 1 data-parallel group(s) of 2 devices = " in text
+    assert split.iters_per_epoch == _check(cfg(), rows=4)[0].iters_per_epoch  # one group reads what one rank does
+    # one device asked for: checked on the two the split needs, and said so
+    alone, _ = _check(cfg(sequence_parallel_size=2), rows=4)
+    assert alone.engine.nproc == 2 and any("checked on 2 devices" in n for n in alone.notes)
+    with pytest.raises(ConfigError, match="--nproc 3 is not one"):
+        _check(cfg(sequence_parallel_size=2), rows=4, nproc=3)
+
+
 def test_gpu_memory_limit_is_a_problem_when_exceeded(wide_model_dir, data_dir):
     cfg = _cfg(wide_model_dir, data_dir, **FULL)
     assert run_check(cfg, io.StringIO(), gpu_memory_gib=80) == []

@@ -424,9 +424,9 @@ def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_p
     expected_trace, expected_val = _loss_trace(reference), _loss_trace(reference, "val/loss")
     assert sorted(expected_trace) == list(range(1, 10)) and sorted(expected_val) == [3, 6, 9]
 
-    for trial in range(3):
+    for trial in range(2):  # killed at a random moment of training, then inside a save
         work = tmp_path / f"trial{trial}"
-        during_save = trial == 2
+        during_save = trial == 1
         # slow saves (a test hook) so that the kill can land inside one
         proc = subprocess.Popen(_train_cmd(tiny_model_dir, oasst1_dir, work, False), env=_env(0.1),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

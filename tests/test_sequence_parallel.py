@@ -1,7 +1,9 @@
-"""Sequence parallelism, its first part (issue 18): the Ulysses exchange of attention heads and sequence slices
-gives, on two gloo ranks, the attention output and the gradients of one process, in fp64, for grouped-query
-heads, heads that do not divide by the ranks, packed rows (each sample attending only to itself) and a value
-width other than the key width."""
+"""Sequence parallelism (issue 18) on gloo ranks: the Ulysses exchange of attention heads and sequence slices gives
+the attention output and the gradients of one process, in fp64, for grouped-query heads, heads that do not divide
+by the ranks, packed rows (each sample attending only to itself) and a value width other than the key width; the
+process groups and the data each rank reads; and a model's row split over two ranks gives the loss and gradients
+of one process (full fine-tuning with and without activation checkpointing, QLoRA, FSDP2). The end-to-end runs
+(DDP, ZeRO-3, resume) are in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -155,44 +157,64 @@ def _row() -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def _model(model_dir: str, checkpointing: bool):
-    from transformers import AutoModelForCausalLM
+# the variants of the model-level test: (activation checkpointing, QLoRA: 4-bit NF4 base weights with LoRA, FSDP2)
+VARIANTS = [(False, False, False), (True, False, False), (True, True, False), (True, False, True)]
+
+
+def _model(model_dir: str, checkpointing: bool, qlora: bool = False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lmtune.model.sft import SupervisedFinetune
 
     torch.manual_seed(0)
-    return SupervisedFinetune(llm=dict(type=AutoModelForCausalLM.from_pretrained,
-                                       pretrained_model_name_or_path=model_dir, dtype=torch.float32),
-                              use_activation_checkpointing=checkpointing)
+    llm = dict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=model_dir, dtype=torch.float32)
+    lora = None
+    if qlora:
+        llm["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                        bnb_4bit_compute_dtype=torch.float32)
+        lora = dict(type="peft.LoraConfig", r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = SupervisedFinetune(llm=llm, lora=lora, use_activation_checkpointing=checkpointing)
+    if qlora:  # LoRA's B starts at zero, so A would get no gradient: give B values
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(generator=torch.Generator().manual_seed(len(name)))
+    return model
 
 
 def _model_on_rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from lmtune.core import dist as ldist
+    from lmtune.engine.strategies.fsdp2 import FSDP2Strategy
     from lmtune.engine.strategies.sequence_parallel import shard_batch
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         ldist.init_sequence_parallel(2)
         results = []
-        for checkpointing in (False, True):
-            model = _model(model_dir, checkpointing).train()
-            batch = shard_batch(_row())
+        for checkpointing, qlora, fsdp2 in VARIANTS:
+            model = _model(model_dir, checkpointing, qlora).train()
+            if fsdp2:  # every decoder layer and the model sharded over both ranks; the gradients averaged
+                FSDP2Strategy(torch.device("cpu")).wrap_model(model)
+            row = _row()
+            row.update(cumulative_len=[torch.tensor([0, 7, 13, 17])], max_seqlen=[7])  # use_varlen_attn's batch
+            batch = shard_batch(row)
             assert batch["input_ids"].shape == (1, 9)  # this rank's half of the padded row
             out = model(**batch)
             out["loss_sum"].backward()
-            results.append({"loss_sum": out["loss_sum"].detach(), "tokens": out["num_tokens"],
-                            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+            grads = {n: (p.grad.full_tensor() * 2 if fsdp2 else p.grad)
+                     for n, p in model.named_parameters() if p.grad is not None}
+            results.append({"loss_sum": out["loss_sum"].detach(), "tokens": out["num_tokens"], "grads": grads})
         torch.save(results, f"{out_dir}/model{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_a_row_split_over_two_ranks_gives_the_loss_and_gradients_of_one_process(tmp_path, tiny_model_dir):
-    """The tiny Llama on one packed row: the two ranks' slice losses add up to the row's loss, and their
-    gradients to its gradients (fp32), with and without activation checkpointing (the exchanges run again in
-    the recompute)."""
+    """The tiny Llama on one packed row (given with use_varlen_attn's arguments, which the split drops): the two
+    ranks' slice losses add up to the row's loss, and their gradients to its gradients (fp32), with and without
+    activation checkpointing (the exchanges run again in the recompute), for QLoRA's adapters, and under FSDP2
+    (sharded weights gathered around each layer, gradients reduce-scattered)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
@@ -200,15 +222,19 @@ def test_a_row_split_over_two_ranks_gives_the_loss_and_gradients_of_one_process(
         port = sock.getsockname()[1]
     mp.spawn(_model_on_rank, args=(port, tiny_model_dir, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"model{r}.pt") for r in (0, 1)]
-    for n, checkpointing in enumerate((False, True)):
-        model = _model(tiny_model_dir, checkpointing).train()
+    for n, (checkpointing, qlora, fsdp2) in enumerate(VARIANTS):
+        model = _model(tiny_model_dir, checkpointing, qlora).train()
         out = model(**_row())
         out["loss_sum"].backward()
         parts = [ranks[0][n], ranks[1][n]]
         assert int(parts[0]["tokens"] + parts[1]["tokens"]) == int(out["num_tokens"]) == 11
-        assert float(parts[0]["loss_sum"] + parts[1]["loss_sum"]) == pytest.approx(float(out["loss_sum"]), rel=1e-5)
+        whole = float(out["loss_sum"].detach())
+        assert float(parts[0]["loss_sum"] + parts[1]["loss_sum"]) == pytest.approx(whole, rel=1e-5)
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         assert grads and set(grads) == set(parts[0]["grads"]) == set(parts[1]["grads"])
+        assert all("lora_" in name for name in grads) == qlora
         for name, grad in grads.items():
-            torch.testing.assert_close(parts[0]["grads"][name] + parts[1]["grads"][name], grad, rtol=1e-4,
-                                       atol=1e-6, msg=f"checkpointing={checkpointing} {name}")
+            # FSDP2's gradient is the ranks' sum on every rank (the average, doubled)
+            total = parts[0]["grads"][name] if fsdp2 else parts[0]["grads"][name] + parts[1]["grads"][name]
+            torch.testing.assert_close(total, grad, rtol=1e-4, atol=1e-5,
+                                       msg=f"checkpointing={checkpointing} qlora={qlora} fsdp2={fsdp2} {name}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from lmtune.config.build import build, is_type_dict
 from lmtune.core.device import as_dtype, warn_once
+from lmtune.core.dist import sequence_parallel_size
 from lmtune.core.errors import ConfigError
 from lmtune.model.compile import decoder_layers
 from lmtune.model.ports import native_target_modules
@@ -111,7 +112,11 @@ def build_llm(llm: Any, max_position_embeddings: int | None, device: torch.devic
         warn_once("float16 weights are not trainable on the CPU: loading the model in bfloat16.")
         cfg["dtype"] = torch.bfloat16
     if use_varlen_attn and "attn_implementation" not in cfg:
-        if _flash_attn_available(device):
+        if sequence_parallel_size() > 1:
+            warn_once("use_varlen_attn=True with sequence parallelism: packed samples are kept apart by lmtune's "
+                      "packed SDPA, which runs the Ulysses exchange (flash-attn's variable-length kernel does not "
+                      "take a slice of the sequence here); same results.")
+        elif _flash_attn_available(device):
             cfg["attn_implementation"] = "flash_attention_2"
         else:
             warn_once("use_varlen_attn=True: flash-attn is not available here, so packed samples are kept "

@@ -148,7 +148,7 @@ class Runner:
                                                    key="val_dataloader")
         self.strategy.configure(micro_batch_size(self.train_dataloader), step)  # DeepSpeed fills its JSON
         model = self._build_model(self.strategy.model_config(cfg.get("model")))
-        check_sequence_parallel(model, self.strategy)
+        check_sequence_parallel(model)
         if getattr(model, "precompute_ref_log_probs", False):
             self._precompute_reference(model, cfg, train_loader_cfg, val_loader_cfg)
         # checkpoint weights go into the plain model, before it is wrapped or sharded

@@ -20,9 +20,13 @@ from lmtune.core.errors import ConfigError
 from lmtune.model.loss import shifted_targets
 from lmtune.model.packed_attention import SEQUENCE_PARALLEL_KWARG, segment_bounds
 
-# what a batch may hold besides its tokens: anything else (attention masks, variable-length attention arguments,
-# preference sequence indices) would describe the whole row
+# what a batch may hold besides its tokens: anything else (attention masks, preference sequence indices) would
+# describe the whole row
 SHARDABLE = {"input_ids", "labels", "position_ids"}
+# the variable-length attention arguments of ``default_collate_fn(use_varlen_attn=True)``: they describe the whole
+# rows' samples, which the whole rows' positions describe too (the slices' attention gets its sample bounds from
+# those), so they are dropped
+WHOLE_ROW_VARLEN = {"cumulative_len", "max_seqlen"}
 
 
 def shard_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -30,10 +34,10 @@ def shard_batch(batch: dict[str, Any]) -> dict[str, Any]:
     size = sequence_parallel_size()
     if size == 1:
         return batch
-    extra = sorted(k for k, v in batch.items() if k not in SHARDABLE and v is not None)
+    extra = sorted(k for k, v in batch.items() if k not in SHARDABLE | WHOLE_ROW_VARLEN and v is not None)
     if extra:
         raise ConfigError(f"sequence parallelism splits batches of input_ids, labels and position_ids; this batch "
-                          f"also holds {extra} (use default_collate_fn without use_varlen_attn)")
+                          f"also holds {extra} (use default_collate_fn)")
     ids, labels = batch["input_ids"], batch["labels"]
     rows, length = ids.shape
     positions = batch.get("position_ids")
@@ -51,9 +55,11 @@ def shard_batch(batch: dict[str, Any]) -> dict[str, Any]:
             SEQUENCE_PARALLEL_KWARG: {"group": sequence_parallel_group(), "bounds": segment_bounds(positions)}}
 
 
-def check_sequence_parallel(model: Any, strategy: Any) -> None:
-    """What sequence parallelism runs with so far: supervised fine-tuning of a model on lmtune's packed attention
-    (transformers' sdpa), under DDP."""
+def check_sequence_parallel(model: Any) -> None:
+    """What sequence parallelism runs with: supervised fine-tuning of a model on lmtune's packed attention
+    (transformers' sdpa; ``use_varlen_attn`` too, which then runs on it), under DDP, FSDP2 or DeepSpeed ZeRO-1/2/3.
+    The gradients of all ranks are averaged by each of them alike (every rank is a data-parallel rank to the
+    engine; the loop's normalisation counts the target tokens of all ranks)."""
     from lmtune.model.sft import SupervisedFinetune
 
     size = sequence_parallel_size()
@@ -62,11 +68,8 @@ def check_sequence_parallel(model: Any, strategy: Any) -> None:
     if type(model) is not SupervisedFinetune:
         raise ConfigError(f"sequence_parallel_size={size}: lmtune splits sequences for supervised fine-tuning "
                           f"(SupervisedFinetune) only so far, not {type(model).__name__}")
-    if not getattr(model, "packed_sdpa", False) or getattr(model, "use_varlen_attn", False):
+    if not getattr(model, "packed_sdpa", False):
         raise ConfigError(f"sequence_parallel_size={size} needs the model's attention on lmtune's packed SDPA "
-                          "(attn_implementation 'sdpa', use_varlen_attn=False); this model's attention "
+                          "(attn_implementation 'sdpa'); this model's attention "
                           f"({getattr(getattr(model.llm, 'config', None), '_attn_implementation', '?')}) "
                           "cannot take a slice of the sequence")
-    if strategy.name not in ("ddp",):
-        raise ConfigError(f"sequence_parallel_size={size} runs under DDP so far (this run uses {strategy.name}); "
-                          "drop --deepspeed / --strategy")

@@ -67,9 +67,14 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
     cfg = apply_model_resource(cfg)
     report = CheckReport()
     w = Writer(out)
+    sp, nproc, sp_note = sequence_parallel_plan(cfg.get("sequence_parallel_size"), nproc)
     engine = report.engine = resolve_engine(cfg, nproc, deepspeed, strategy)
     w.line(f"lmtune check: {getattr(cfg, 'filename', 'config')}")
-    w.line(f"engine: {engine.name}" + (f" over {engine.nproc} devices" if engine.nproc > 1 else ""))
+    w.line(f"engine: {engine.name}" + (f" over {engine.nproc} devices" if engine.nproc > 1 else "")
+           + (f"; sequence parallelism: each row split over {sp} devices, {nproc // sp} data-parallel group(s)"
+              if sp > 1 else ""))
+    if sp_note:
+        report.notes.append(sp_note)
 
     model_cfg = _model_cfg(cfg)
     ds_cfgs = dataset_configs(cfg)
@@ -140,6 +145,14 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
     objective = preference_objective(model_cfg)
     if objective:
         w.line(objective[0])
+    if sp > 1:
+        attn = dict(model_cfg.get("llm") or {}).get("attn_implementation")
+        if objective:
+            report.problems.append(f"sequence_parallel_size={sp}: lmtune splits sequences for supervised "
+                                   "fine-tuning (SupervisedFinetune) only; set sequence_parallel_size=1")
+        elif attn not in (None, "sdpa"):
+            report.problems.append(f"sequence_parallel_size={sp} runs the attention on lmtune's packed SDPA; this "
+                                   f"model sets attn_implementation={attn!r}: drop it (or set 'sdpa')")
     if use_varlen and batch > 1:
         report.problems.append(f"use_varlen_attn=True needs train_dataloader.batch_size=1 (it is {batch}): the "
                                "variable-length attention arguments describe one packed row")
@@ -160,14 +173,17 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
                 tokens_of = int(pairs_cfg.get("max_packed_length", 16384))
             else:
                 rows_of = 2 * batch
+        # sequence parallelism: each device holds 1/sp of every row (padded to a multiple of sp)
+        device_tokens = -(-tokens_of // sp)
         mem = report.memory = estimate_memory(
-            facts, engine, rows_of, tokens_of, mixed_precision=mixed, weight_bytes=_weight_bytes(cfg, facts),
+            facts, engine, rows_of, device_tokens, mixed_precision=mixed, weight_bytes=_weight_bytes(cfg, facts),
             optimizer_states=states, state_bytes=state_bytes, checkpointing=checkpointing)
         if objective and objective[1]:  # a resident reference model: frozen weights as loaded, sharded with ZeRO-3
             mem.reference = facts.total_params * _weight_bytes(cfg, facts) / (
                 engine.nproc if engine.zero_stage >= 3 and engine.nproc > 1 else 1)
-        w.section(f"memory per device (estimate; batch {rows_of} x {tokens_of} tokens, {engine.name}"
-                  + (f", {engine.nproc} devices)" if engine.nproc > 1 else ")"))
+        w.section(f"memory per device (estimate; batch {rows_of} x {tokens_of} tokens"
+                  + (f", each row split over {sp} devices: {device_tokens} tokens per device" if sp > 1 else "")
+                  + f", {engine.name}" + (f", {engine.nproc} devices)" if engine.nproc > 1 else ")"))
         sharded = {1: "optimizer states sharded", 2: "gradients and optimizer states sharded",
                    3: "weights, gradients and optimizer states sharded"}.get(engine.zero_stage if engine.nproc > 1
                                                                            else 0)
@@ -200,7 +216,7 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
                                    "turn activation checkpointing on, use QLoRA or shard with --deepspeed")
 
     # -- validation
-    world = engine.nproc
+    world = engine.nproc // sp  # the data-parallel ranks: a sequence-parallel group reads one set of rows
     first_iters = math.ceil(math.ceil(est_rows / world) / batch) if est_rows else None
     est_rows = check_validation(report, w, cfg, ds_cfgs,
                                 lambda configs: _data(report, w, configs, tokenizer, rows,
@@ -209,8 +225,9 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
 
     # -- schedule
     w.section("schedule")
-    w.line(f"{batch} row(s) per device x {accum} accumulation step(s) x {world} device(s) = {batch * accum * world} "
-           "rows per optimizer step")
+    w.line(f"{batch} row(s) per device x {accum} accumulation step(s) x {world} "
+           + (f"data-parallel group(s) of {sp} devices" if sp > 1 else "device(s)")
+           + f" = {batch * accum * world} rows per optimizer step")
     train_cfg = dict(cfg.get("train_cfg") or {})
     if est_rows is not None:
         rows_total = max(int(round(est_rows)), 0)
@@ -249,6 +266,21 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         w.line(f"- {problem}")
     w.line(f"{len(report.problems)} problem(s)" if report.problems else "OK: no problems found")
     return report
+
+
+def sequence_parallel_plan(size: Any, nproc: int) -> tuple[int, int, str | None]:
+    """(sequence-parallel size, number of devices, a note or None): a config that splits its rows over more
+    devices than ``--nproc`` gives is checked on the fewest devices it runs on."""
+    size = 1 if size is None else size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"sequence_parallel_size must be a positive integer, got {size!r}")
+    if nproc % size == 0:
+        return size, nproc, None
+    if nproc == 1:
+        return size, size, (f"sequence_parallel_size={size} splits each row over {size} devices: checked on {size} "
+                            f"devices (--nproc N, a multiple of {size}, checks another number)")
+    raise ConfigError(f"sequence_parallel_size={size} needs a number of devices that it divides; --nproc {nproc} "
+                      "is not one")
 
 
 def _is_preference_data(ds_cfg: dict) -> bool:

@@ -29,7 +29,10 @@ dropout adds ``(a + 1) x in_features`` per adapted linear (the dropped copy and 
 activation checkpointing a layer keeps only its input (``a x h`` per token) and one layer at a
 time is recomputed in the backward pass. Logits: ``T x vocab x (a + 8)`` bytes (the 16-bit logits,
 their fp32 copy and the fp32 log-probabilities the loss keeps); an upper bound, since lmtune only
-computes logits where a token is trained. Preference training: a pair is two sequences (a batch of pairs is
+computes logits where a token is trained. Sequence parallelism (``sequence_parallel_size`` S) splits each row
+over S devices: activations and logits are those of ``max_length / S`` tokens (rounded up); the Ulysses
+exchange holds a layer's queries, keys and values for the whole row but 1/S of the heads, the same bytes.
+Preference training: a pair is two sequences (a batch of pairs is
 2 x batch rows of max_length tokens, or packed rows of max_packed_length), and a DPO reference that is a model
 of its own (full fine-tuning) adds its frozen weights, in the dtype they are loaded in (sharded like the weights
 under ZeRO-3 / FSDP2); with LoRA the reference is the base model with its adapters disabled (nothing more), and

@@ -1,8 +1,8 @@
 """Sequence parallelism: the sampler XTuner configs name.
 
-lmtune shards the data by rank only. ``SequenceParallelSampler`` is therefore
-``DefaultSampler``. A config with ``sequence_parallel_size`` above 1 is refused
-before any work (see ``Runner``).
+lmtune's ``DefaultSampler`` already shards the data by the data-parallel rank (the ranks of a sequence-parallel
+group read the same rows, each keeps its slice of them: ``lmtune.engine.strategies.sequence_parallel``), so
+``SequenceParallelSampler`` is ``DefaultSampler`` under XTuner's name.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lmtune.dataset.samplers import DefaultSampler
 
 
 class SequenceParallelSampler(DefaultSampler):
-    """``DefaultSampler`` under XTuner's name (sequence parallel size 1: every rank is a data rank)."""
+    """``DefaultSampler`` under XTuner's name: the rows are sharded over the data-parallel ranks."""
 
 
 __all__ = ["SequenceParallelSampler"]
