@@ -17,10 +17,12 @@ transformers' ``Trainer`` rather than configs of XTuner's engine; they are count
   ``train_cfg.max_iters`` 2, one short evaluation input with ``max_new_tokens`` 2,
   ``num_workers`` 0 and ``map_num_proc`` None. Checkpoints are saved as the config says (with 2
   iterations: once, at the end). A run counts when ``Runner.train()`` returns after 2 iterations
-  with finite losses. ModelScope/openMind datasets and model downloads (``model_resource``) are
+  with finite losses. A config with ``sequence_parallel_size`` N runs in N processes of one gloo process
+  group (forked like the others; ``--sequence-parallel off``: in one, with the size set to 1).
+  ModelScope/openMind datasets and model downloads (``model_resource``) are
   replaced like Hugging Face hub ones. A run that fails is tried once more, relaxed (float32
-  dtypes, ``sdpa`` for ``flash_attention_2``, ``sequence_parallel_size`` 1), to tell apart what
-  only a GPU, flash-attn or sequence parallelism stands in the way of.
+  dtypes, ``sdpa`` for ``flash_attention_2``; in as many processes as before), to tell apart what
+  only a GPU or flash-attn stands in the way of.
 
   Architectures whose hub repositories ship their own code (InternLM, ChatGLM, Baichuan, MiniCPM,
   Qwen v1, DeepSeek-MoE) run through lmtune's ports (``lmtune.model.ports``) on a tiny checkpoint in the
@@ -546,7 +548,7 @@ def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: b
     ``quantize=False`` drops a 4-bit ``quantization_config``. ``relaxed=True`` (the retry of a failed
     run, to see what else stands in its way) loads, computes and trains in float32 whatever dtypes
     the config names, replaces ``attn_implementation="flash_attention_2"`` (flash-attn needs a GPU)
-    by ``"sdpa"`` and sets ``sequence_parallel_size`` to 1 (lmtune refuses sequence parallelism)."""
+    by ``"sdpa"``."""
     import torch
     from datasets import load_dataset
 
@@ -602,8 +604,6 @@ def shrink(cfg, model_dir: str, data: dict[str, str], quantize: bool, relaxed: b
         cfg["model"]["llm"]["quantization_config"] = None
     if relaxed and isinstance(cfg.get("optim_wrapper"), dict):
         cfg["optim_wrapper"]["dtype"] = "float32"
-    if relaxed and cfg.get("sequence_parallel_size", 1) not in (None, 1):
-        cfg["sequence_parallel_size"] = 1
 
 
 def run_one(job: dict) -> dict:
@@ -624,6 +624,8 @@ def run_one(job: dict) -> dict:
         template = chat_template_for(job["arch"], model_dir) if PREFERENCE_MARK in Path(job["path"]).read_text(
             encoding="utf-8") else None
         shrink(cfg, str(model_dir), job["data"], job["quantize"], job.get("relaxed", False), template)
+        if job.get("world", 1) == 1 and cfg.get("sequence_parallel_size", 1) not in (None, 1):
+            cfg["sequence_parallel_size"] = 1  # --sequence-parallel off
         stage = "build"
         runner = Runner.from_config(cfg, work_dir=job["work_dir"], seed=1)
         stage = "train"
@@ -664,21 +666,54 @@ def _child(job: dict, result_path: str, log_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
+def _rank_child(job: dict, rank: int, world: int, port: int, result_path: str, log_path: str) -> None:
+    """One rank of a multi-process run (a config's ``sequence_parallel_size``): torchrun's environment, lmtune's
+    process group, then the run; rank 0 reports."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    from lmtune.engine.strategies import launch
+
+    launch.init_distributed("none")
+    try:
+        if rank == 0:  # the tiny model, made once before the other ranks read it
+            tiny_model(Path(job["models_dir"]), job["arch"], job["style"], job.get("fixture"))
+    finally:
+        torch.distributed.barrier()
+    job = {**job, "threads": max(1, job["threads"] // world)}
+    _child(job, result_path if rank == 0 else f"{result_path}.rank{rank}",
+           log_path if rank == 0 else f"{log_path}.rank{rank}")
+    launch.destroy_distributed(finished=True)
+
+
 def run_in_child(ctx, job: dict, timeout: float, scratch: Path) -> dict:
+    """The run of one config in a process of its own, or in ``job["world"]`` processes of one process group."""
+    from lmtune.engine.strategies.launch import free_port
+
     result_path, log_path = scratch / "result.json", Path(job["log"])
     result_path.unlink(missing_ok=True)
-    proc = ctx.Process(target=_child, args=(job, str(result_path), str(log_path)))
+    world = job.get("world", 1)
+    if world > 1:
+        port = free_port()
+        procs = [ctx.Process(target=_rank_child, args=(job, rank, world, port, str(result_path), str(log_path)))
+                 for rank in range(world)]
+    else:
+        procs = [ctx.Process(target=_child, args=(job, str(result_path), str(log_path)))]
     start = time.perf_counter()
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(max(0.0, timeout - (time.perf_counter() - start)))
+    if any(proc.is_alive() for proc in procs):
+        for proc in procs:
+            proc.kill()
+            proc.join()
         return {"status": "timeout", "error": f"no result within {timeout:.0f} s",
                 "seconds": round(time.perf_counter() - start, 2)}
     if not result_path.is_file():
         tail = log_path.read_text(errors="replace")[-300:] if log_path.is_file() else ""
-        return {"status": "crashed", "error": f"process exited with code {proc.exitcode}: {' '.join(tail.split())}",
+        return {"status": "crashed", "error": f"process exited with code {procs[0].exitcode}: {' '.join(tail.split())}",
                 "seconds": round(time.perf_counter() - start, 2)}
     return json.loads(result_path.read_text())
 
@@ -735,7 +770,9 @@ def run_all(entries: list[dict], root: Path, args, work: Path) -> None:
                "style": tokenizer_style(entry.get("hub_id"), entry["arch"]), "quantize": quantize,
                "fixture": ported_fixture(entry["arch"], entry.get("hub_id")) if entry["arch"] in HUB_CODE else None,
                "models_dir": str(models_dir), "data": data, "work_dir": str(work / "run" / stem),
-               "log": str(logs / f"{stem}.log"), "threads": args.threads}
+               "log": str(logs / f"{stem}.log"), "threads": args.threads,
+               # sequence parallelism: as many processes as the config splits each row over
+               "world": entry.get("sequence_parallel", 1) if args.sequence_parallel == "as-written" else 1}
         outcome = run_in_child(ctx, job, args.timeout, work)
         shutil.rmtree(work / "run" / stem, ignore_errors=True)
         entry["run"] = {**outcome, "quantized": entry["method"] == "qlora" and quantize}
@@ -855,7 +892,7 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
                  sum(e["arch"] in ported for e in attempted))],
         ]
         rescued = [e for e in attempted if e["run"].get("relaxed", {}).get("status") == "ran"]
-        rows.append(["failed as written, ran relaxed (float32, sdpa, no sequence parallelism)", len(rescued)])
+        rows.append(["failed as written, ran relaxed (float32, sdpa)", len(rescued)])
         hub = [e for e in attempted if e.get("hub")]
         if hub:
             rows.append(["of the attempted: ModelScope/openMind configs (hub loaders replaced like HF ones)",
@@ -924,9 +961,9 @@ def report(entries: list[dict], settings: dict, seconds: dict[str, float]) -> st
                  "Stage: where the run stopped (build: `Runner.from_config`; train: `runner.train()`); "
                  "`@`: the innermost lmtune frame. Each failed run was tried once more, relaxed: every dtype of the "
                  "config set to float32 (weights, 4-bit compute, mixed precision), `attn_implementation="
-                 "\"flash_attention_2\"` replaced by `\"sdpa\"` and `sequence_parallel_size` set to 1; "
-                 "\"ran relaxed\" counts the configs that then ran, i.e. whose only obstacle was half precision "
-                 "on a CPU with a random tiny model, flash-attn, or sequence parallelism.",
+                 "\"flash_attention_2\"` replaced by `\"sdpa\"` (a sequence-parallel config again in as many "
+                 "processes as its size); \"ran relaxed\" counts the configs that then ran, i.e. whose only "
+                 "obstacle was half precision on a CPU with a random tiny model, or flash-attn.",
                  retried=True)
     if attempted and settings["sample"]:
         rows = []
@@ -961,7 +998,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qlora", choices=("as-written", "off"), default="as-written",
                         help="off: QLoRA configs run without quantization, but the first of each architecture")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (shared by its processes)")
+    parser.add_argument("--sequence-parallel", choices=("as-written", "off"), default="as-written",
+                        help="as-written: a config with sequence_parallel_size N runs in N processes (gloo); "
+                             "off: in one, with sequence_parallel_size 1")
     parser.add_argument("--work-dir", type=Path, help="keep tiny models, data and run logs here")
     parser.add_argument("--report-from", type=Path, help="only write the report of a saved --json file")
     parser.add_argument("--scope", choices=("sft", "preference"), default="sft",

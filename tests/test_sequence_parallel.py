@@ -238,3 +238,34 @@ def test_a_row_split_over_two_ranks_gives_the_loss_and_gradients_of_one_process(
             total = parts[0]["grads"][name] if fsdp2 else parts[0]["grads"][name] + parts[1]["grads"][name]
             torch.testing.assert_close(total, grad, rtol=1e-4, atol=1e-5,
                                        msg=f"checkpointing={checkpointing} qlora={qlora} fsdp2={fsdp2} {name}")
+
+
+def test_what_sequence_parallelism_refuses(monkeypatch, tiny_model_dir):
+    """Preference and other models, attention other than lmtune's packed SDPA, and batch keys that describe
+    the whole row stop with a message; a model on sdpa passes."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.config import ConfigError
+    from lmtune.engine.strategies import sequence_parallel as sp
+    from lmtune.model.sft import SupervisedFinetune
+
+    monkeypatch.setattr(sp, "sequence_parallel_size", lambda: 2)
+    with pytest.raises(ConfigError, match="for supervised fine-tuning .* only so far, not Linear"):
+        sp.check_sequence_parallel(torch.nn.Linear(1, 1))
+    eager = SupervisedFinetune(llm=dict(type=AutoModelForCausalLM.from_pretrained, attn_implementation="eager",
+                                        pretrained_model_name_or_path=tiny_model_dir, dtype=torch.float32))
+    with pytest.raises(ConfigError, match=r"needs the model's attention on lmtune's packed SDPA .* \(eager\)"):
+        sp.check_sequence_parallel(eager)
+    sp.check_sequence_parallel(_model(tiny_model_dir, False))
+    # flash-attn, asked for by name or by use_varlen_attn, gives way to the packed SDPA (which runs the exchange)
+    from lmtune.model import build as model_build
+
+    monkeypatch.setattr(model_build, "sequence_parallel_size", lambda: 2)
+    for extra, varlen in (({"attn_implementation": "flash_attention_2"}, False), ({}, True)):
+        flash = SupervisedFinetune(llm=dict(type=AutoModelForCausalLM.from_pretrained, dtype=torch.float32,
+                                            pretrained_model_name_or_path=tiny_model_dir, **extra),
+                                   use_varlen_attn=varlen)
+        sp.check_sequence_parallel(flash)
+        assert flash.packed_sdpa
+    with pytest.raises(ConfigError, match=r"also holds \['attention_mask'\]"):
+        sp.shard_batch({**_row(), "attention_mask": torch.ones(1, 17, dtype=torch.bool)})

@@ -97,6 +97,12 @@ def test_several_ranks_sum_tokens_and_report_flops_per_device(monkeypatch):
     assert runner.message_hub.get("tokens_per_sec") == pytest.approx(2 * 8 / 0.25)
     assert runner.message_hub.get("tokens_per_sec_per_device") == pytest.approx(8 / 0.25)
     assert runner.message_hub.get("tflops") == pytest.approx(flops / 0.25 / 1e12)
+    # the two ranks sharing each row (sequence parallelism): the rows once, each rank half their work
+    monkeypatch.setattr(tp, "sequence_parallel_size", lambda: 2)
+    hook.after_train_iter(runner, 1, batch(), {})
+    assert calls[1].tolist() == pytest.approx([4.0, 2.5, flops / 2])
+    assert runner.message_hub.get("tokens_per_sec") == pytest.approx(8 / 0.25)
+    assert runner.message_hub.get("tflops") == pytest.approx(flops / 2 / 0.25 / 1e12)
 
 
 def test_own_clock_without_iter_timer_and_measured_cpu_peak(caplog):

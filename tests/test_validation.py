@@ -259,6 +259,24 @@ MMLU_CONFIG = """
 """
 
 
+def _mmlu_on_rank(rank: int, port: int, path: str, overrides: dict, out_dir: str) -> None:
+    """One of two ranks validating the MMLU config with each row split over both (sequence_parallel_size=2)."""
+    import os
+
+    from lmtune.engine.strategies import launch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    launch.init_distributed("none")
+    try:
+        cfg = Config.fromfile(path, {**overrides, "sequence_parallel_size": 2})
+        loop = Runner.from_config(cfg, work_dir=f"{out_dir}/sp", seed=0).val_loop
+        metrics = loop.run()
+        Path(f"{out_dir}/metrics{rank}.json").write_text(json.dumps([metrics, len(loop.evaluator.results)]))
+    finally:
+        launch.destroy_distributed(finished=True)
+
+
 def test_xtuner_mmlu_evaluation_config_runs(tmp_path, tiny_model_dir, data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -267,12 +285,12 @@ def test_xtuner_mmlu_evaluation_config_runs(tmp_path, tiny_model_dir, data):
     (tmp_path / "mmlu_val.json").write_text(json.dumps(rows))
     path = tmp_path / "mmlu_cfg.py"
     path.write_text(SEED_CFG.read_text() + textwrap.dedent(MMLU_CONFIG).format(root=tmp_path))
-    cfg = Config.fromfile(path, {"pretrained_model_name_or_path": tiny_model_dir, "data_path": data["train"],
-                                 "max_length": 64, "model.llm.quantization_config": None, "model.lora": None,
-                                 "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32",
-                                 "custom_hooks": [], "save_best": "mmlu_fs_val/average", "lr": 1e-3,
-                                 "batch_size": 4, "max_epochs": 1, "accumulative_counts": 1})
-    runner = Runner.from_config(cfg, work_dir=str(tmp_path / "mmlu"), seed=0)
+    overrides = {"pretrained_model_name_or_path": tiny_model_dir, "data_path": data["train"],
+                 "max_length": 64, "model.llm.quantization_config": None, "model.lora": None,
+                 "model.llm.torch_dtype": torch.float32, "optim_wrapper.dtype": "float32",
+                 "custom_hooks": [], "save_best": "mmlu_fs_val/average", "lr": 1e-3,
+                 "batch_size": 4, "max_epochs": 1, "accumulative_counts": 1}
+    runner = Runner.from_config(Config.fromfile(path, overrides), work_dir=str(tmp_path / "mmlu"), seed=0)
     first = runner.val_loop.run()
     # the accuracy by hand: the likeliest of the four letters after each prompt
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -289,6 +307,18 @@ def test_xtuner_mmlu_evaluation_config_runs(tmp_path, tiny_model_dir, data):
         assert first[f"mmlu_fs_val/{subject}"] == pytest.approx(value)
     assert first["mmlu_fs_val/average"] == pytest.approx(sum(by_subject.values()) / 3)
     assert "val/loss" not in first  # prompts only: nothing to take a loss of
+    # under sequence parallelism both ranks of the group read the rows whole; the metrics are one process's
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_mmlu_on_rank, args=(port, str(path), overrides, str(tmp_path)), nprocs=2, join=True)
+    for rank, kept in ((0, 9), (1, 0)):  # the group's first rank keeps the 9 rows' results, the other none
+        metrics, results = json.loads((tmp_path / f"metrics{rank}.json").read_text())
+        assert metrics == pytest.approx(first) and results == kept
     # batches of several rows need each row's length: the training collate function gives none
     cfg_default = Config.fromfile(path, {"pretrained_model_name_or_path": tiny_model_dir, "data_path": data["train"],
                                          "custom_hooks": [], "model.llm.quantization_config": None})

@@ -83,6 +83,9 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+# the attention implementations that flash-attn's kernels provide (transformers' names)
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
 
 def build_llm(llm: Any, max_position_embeddings: int | None, device: torch.device,
               use_varlen_attn: bool = False) -> tuple[nn.Module, bool]:
@@ -111,12 +114,15 @@ def build_llm(llm: Any, max_position_embeddings: int | None, device: torch.devic
     if device.type == "cpu" and dtype is not None and dtype != "auto" and as_dtype(dtype) == torch.float16:
         warn_once("float16 weights are not trainable on the CPU: loading the model in bfloat16.")
         cfg["dtype"] = torch.bfloat16
-    if use_varlen_attn and "attn_implementation" not in cfg:
-        if sequence_parallel_size() > 1:
-            warn_once("use_varlen_attn=True with sequence parallelism: packed samples are kept apart by lmtune's "
-                      "packed SDPA, which runs the Ulysses exchange (flash-attn's variable-length kernel does not "
-                      "take a slice of the sequence here); same results.")
-        elif _flash_attn_available(device):
+    if sequence_parallel_size() > 1 and (cfg.get("attn_implementation") in FLASH_ATTENTION
+                                         or (use_varlen_attn and "attn_implementation" not in cfg)):
+        # lmtune's packed SDPA runs the Ulysses exchange; flash-attn's kernels do not take a slice of the sequence
+        warn_once("sequence parallelism: the attention runs on lmtune's packed SDPA (it keeps packed samples apart "
+                  "and runs the Ulysses exchange) instead of flash-attn, whose kernels cannot take a slice of the "
+                  "sequence; same results.")
+        cfg["attn_implementation"] = "sdpa"
+    elif use_varlen_attn and "attn_implementation" not in cfg:
+        if _flash_attn_available(device):
             cfg["attn_implementation"] = "flash_attention_2"
         else:
             warn_once("use_varlen_attn=True: flash-attn is not available here, so packed samples are kept "

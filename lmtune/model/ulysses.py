@@ -7,8 +7,9 @@ whose attention runs through ``ulysses_attention`` are those of the unsplit mode
 the group's size are padded with zero heads (their output is dropped: exact, at the cost of the padded heads'
 compute); key/value heads of grouped-query attention are repeated only as far as the group's size needs.
 
-This module holds the exchange alone; the sequence-parallel run (groups, slicing the batch, the loss across
-slices) is issue 18's remaining work.
+This module holds the exchange alone: the process groups are ``lmtune.core.dist``'s, the slicing of the batch and
+the loss across slices ``lmtune.engine.strategies.sequence_parallel``'s, and ``lmtune.model.packed_attention``
+runs each layer's attention through ``ulysses_attention``.
 """
 
 from __future__ import annotations

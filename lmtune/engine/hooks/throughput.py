@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from lmtune.core.dist import all_reduce_sum, get_world_size
+from lmtune.core.dist import all_reduce_sum, get_world_size, sequence_parallel_size
 from lmtune.core.hook import Hook
 from lmtune.engine.flops import FlopCounter, count_targets, sample_lengths
 
@@ -173,8 +173,10 @@ class ThroughputHook(Hook):
         lengths = sample_lengths(data_batch)
         targets = count_targets(data_batch) if "labels" in data_batch else None
         flops = self.counter.step_flops(lengths, targets)
-        local = torch.tensor([float(sum(lengths)), float(targets or 0), flops], dtype=torch.float64,
-                             device=runner.device)
+        # the ranks of a sequence-parallel group hold the same rows (a slice each): each counts its share of them
+        share = 1.0 / sequence_parallel_size()
+        local = torch.tensor([float(sum(lengths)) * share, float(targets or 0) * share, flops * share],
+                             dtype=torch.float64, device=runner.device)
         tokens, target_tokens, total_flops = all_reduce_sum(local).tolist()  # one collective for all three
         world = get_world_size()
         elapsed = max(elapsed, 1e-12)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lmtune.config.build import build
-from lmtune.core.dist import all_reduce_sum, get_world_size, sequence_parallel_size
+from lmtune.core.dist import all_reduce_sum, get_world_size, sequence_parallel_rank
 from lmtune.core.errors import ConfigError
 from lmtune.engine.runner.loops import combine_sums, local_sums
 from lmtune.engine.strategies.sequence_parallel import shard_batch
@@ -122,13 +122,10 @@ class ValLoop:
         if evaluator is not None:
             evaluator.results = []
         with_loss = self.has_targets()
-        if evaluator is not None and sequence_parallel_size() > 1:
-            raise ConfigError("val_evaluator reads whole rows; it does not run under sequence_parallel_size > 1 yet")
-        for batch, padding in self._batches():
-            if with_loss:
-                batch = shard_batch(batch)  # this rank's slice of each row (sequence parallelism)
+        for whole, padding in self._batches():
+            batch = shard_batch(whole) if with_loss else whole  # this rank's slice of each row (sequence parallelism)
             units = loss_units(batch)
-            inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            inputs = _to_device(batch, device)
             if with_loss:
                 with runner.optim_wrapper.optim_context():
                     out = model(**inputs)
@@ -139,14 +136,17 @@ class ValLoop:
                 terms_names, metric_names = list(terms), list(out.get("metrics") or {})
                 totals = values if totals is None else totals + values
             if evaluator is not None:
-                if "attention_mask" not in inputs and inputs["input_ids"].shape[0] > 1:
+                # whole rows: under sequence parallelism every rank of a group reads the group's rows whole (the
+                # engines need every rank in every forward) and the group's first rank keeps the results
+                rows = inputs if whole is batch else _to_device(whole, device)
+                if "attention_mask" not in rows and rows["input_ids"].shape[0] > 1:
                     raise ConfigError("val_evaluator reads each row's last token, so batches of several rows need "
                                       "an attention_mask: use collate_fn=dict(type=mmlu_collate_fn) in "
                                       "val_dataloader (or batch_size=1)")
                 with runner.optim_wrapper.optim_context():
-                    logits = model.last_token_logits(inputs["input_ids"], inputs.get("attention_mask"))
-                if not padding:
-                    evaluator.process(batch, logits.float().cpu())
+                    logits = model.last_token_logits(rows["input_ids"], rows.get("attention_mask"))
+                if not padding and sequence_parallel_rank() == 0:
+                    evaluator.process(whole, logits.float().cpu())
         metrics: dict[str, float] = {}
         if totals is not None:
             if get_world_size() > 1:
@@ -166,6 +166,10 @@ class ValLoop:
             for name, value in evaluator.compute(results).items():
                 metrics[f"{prefix}/{name}" if prefix else name] = float(value)
         return metrics
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def _all_reduce_max(value: int, device: torch.device) -> int:

@@ -24,6 +24,7 @@ from lmtune.config.build import build
 from lmtune.core.errors import ConfigError
 from lmtune.engine.optim.optimizer_wrapper import StepSettings
 from lmtune.engine.runner.loops import optimizer_steps, run_length
+from lmtune.model.build import FLASH_ATTENTION
 from lmtune.tools.check.data import _check_template, _data, _tokenizer_cfg
 from lmtune.tools.check.memory import GIB, _optimizer_states, estimate_memory, human_bytes, resolve_engine
 from lmtune.tools.check.model import ModelFacts, _model_cfg, _weight_bytes, build_meta_model
@@ -150,7 +151,7 @@ def _check_config(cfg: Any, out: TextIO, nproc: int, deepspeed: str | None, stra
         if objective:
             report.problems.append(f"sequence_parallel_size={sp}: lmtune splits sequences for supervised "
                                    "fine-tuning (SupervisedFinetune) only; set sequence_parallel_size=1")
-        elif attn not in (None, "sdpa"):
+        elif attn not in (None, "sdpa", *FLASH_ATTENTION):  # flash-attn's are replaced by the packed SDPA
             report.problems.append(f"sequence_parallel_size={sp} runs the attention on lmtune's packed SDPA; this "
                                    f"model sets attn_implementation={attn!r}: drop it (or set 'sdpa')")
     if use_varlen and batch > 1:
