@@ -584,6 +584,26 @@ def test_the_agent_answers_once_for_all_ranks():
     assert answer([], 75) is None
 
 
+def test_the_agent_knows_a_stop_signal_behind_torchs_own_error():
+    """A SIGTERM that lands on the first line of torch's metrics wrapper surfaces as an UnboundLocalError raised
+    while handling the SignalException; the agent still reads it as the stop it is (seen once in a suite run)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from lmtune.engine.strategies.agent import stopping_signal
+
+    def wrapper():
+        try:
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)  # the signal, before `start` is bound
+            start = time.time()
+        finally:
+            print(time.time() - start)  # as torch's wrapper reads it
+    with pytest.raises(UnboundLocalError) as caught:
+        wrapper()
+    assert stopping_signal(caught.value, SignalException) == 15
+    assert stopping_signal(SignalException("x", sigval=signal.SIGINT), SignalException) == 2
+    assert stopping_signal(ValueError("a real failure"), SignalException) is None
+
+
 # ------------------------------------------------------------------ preference training
 
 def test_orpo_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):

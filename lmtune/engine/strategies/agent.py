@@ -25,6 +25,18 @@ def _killed(rank: int, failure) -> tuple[int, str] | None:
     return 128 - code, f"lmtune: rank {rank} (pid {failure.pid}) died of {what}"
 
 
+def stopping_signal(exc: BaseException, signal_exception: type) -> int | None:
+    """The signal that ``exc`` stands for: that of a ``SignalException`` it is, or that it was raised while handling
+    (torch's metrics wrapper raises an UnboundLocalError of its own when the signal lands on its first line)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, signal_exception):
+            return int(exc.sigval)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -42,8 +54,11 @@ def main(argv: list[str]) -> int:
         rank, failure = exc.get_first_failure()
         killed = _killed(rank, failure)
         code = killed[0] if killed else int(failure.exitcode) or 1
-    except SignalException as exc:  # the agent was told to stop: it passed the signal on and waited
-        code = 128 + int(exc.sigval)
+    except Exception as exc:  # the agent was told to stop (it passed the signal on and waited), or it failed
+        signum = stopping_signal(exc, SignalException)
+        if signum is None:
+            raise
+        code = 128 + signum
     results = answer(read_results(os.environ[RESULTS_ENV]), EXIT_STOPPED) if os.environ.get(RESULTS_ENV) else None
     if killed:
         print(killed[1], file=sys.stderr)
